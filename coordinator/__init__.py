@@ -1,0 +1,1 @@
+"""The ep-recovery coordinator daemon."""

@@ -1,0 +1,83 @@
+"""Pure planning helpers of the state machine: the expert transfer plan and the
+hold target. No I/O; inputs are the coordinator's own records, never a rank's
+local metadata (a joiner's view of the placement is stale by definition).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from protos.types import Placement, Transfer, TransferPlan
+
+
+class PlanError(ValueError):
+    """No healthy source holds an expert that a joiner needs."""
+
+
+def transfer_plan(
+    placement: Placement, healthy: Iterable[int], joiners: Iterable[int]
+) -> TransferPlan:
+    """Every slot of every joiner gets its expert from a healthy rank holding a
+    replica of the same logical expert, the load spread over the sources.
+
+    Ordered by (layer, destination slot); every participant derives its sends
+    and receives from this one order, so the plan is symmetric by construction.
+    """
+    healthy_ranks = sorted(set(healthy))
+    joiner_ranks = sorted(set(joiners))
+    if set(healthy_ranks) & set(joiner_ranks):
+        raise PlanError("a rank cannot be both a source and a joiner")
+    load = dict.fromkeys(healthy_ranks, 0)
+    transfers: list[Transfer] = []
+    for layer, slot_expert in enumerate(placement.layers):
+        replicas: dict[int, list[int]] = {}
+        for slot, expert in enumerate(slot_expert):
+            if placement.rank_of_slot(slot) in load:
+                replicas.setdefault(expert, []).append(slot)
+        for dst_rank in joiner_ranks:
+            for dst_slot in placement.slots_of_rank(dst_rank):
+                expert = slot_expert[dst_slot]
+                sources = replicas.get(expert)
+                if not sources:
+                    raise PlanError(
+                        f"expert {expert} of layer {layer} has no replica on a healthy rank "
+                        f"(healthy: {healthy_ranks})"
+                    )
+                src_slot = min(sources, key=lambda s: (load[placement.rank_of_slot(s)], s))
+                src_rank = placement.rank_of_slot(src_slot)
+                load[src_rank] += 1
+                transfers.append(Transfer(layer, dst_slot, src_slot, src_rank, dst_rank))
+    return TransferPlan(placement.version, tuple(sorted(transfers)))
+
+
+@dataclass(frozen=True)
+class ProgressSample:
+    iteration: int
+    at: float
+    rate: float  # iterations per second, 0 while unknown
+
+
+def next_sample(previous: ProgressSample | None, iteration: int, at: float) -> ProgressSample:
+    if previous is None or at <= previous.at or iteration < previous.iteration:
+        return ProgressSample(iteration, at, previous.rate if previous else 0.0)
+    instant = (iteration - previous.iteration) / (at - previous.at)
+    rate = instant if previous.rate == 0.0 else 0.5 * previous.rate + 0.5 * instant
+    return ProgressSample(iteration, at, rate)
+
+
+def hold_target(
+    samples: Mapping[int, ProgressSample], now: float, lead_s: float, attempt: int = 0
+) -> int:
+    """An iteration every rank is predicted to reach only after the hold order
+    arrives: past every reported iteration by the iterations expected to run
+    while the order travels. `attempt` widens the margin on each retarget.
+    """
+    if not samples:
+        raise ValueError("no progress samples")
+    predicted = max(s.iteration + s.rate * max(0.0, now - s.at) for s in samples.values())
+    rate = max(s.rate for s in samples.values())
+    margin = max(2, math.ceil(rate * lead_s)) * (2**attempt)
+    reported = max(s.iteration for s in samples.values())
+    return max(reported, math.ceil(predicted)) + margin

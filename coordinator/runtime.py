@@ -1,0 +1,226 @@
+"""The daemon around the pure state machine: etcd, the rendezvous store, gRPC.
+
+All state changes go through one dispatch task: it takes an event, lets the
+machine decide, writes the new record to etcd, and only then hands commands to
+the sessions (write-ahead: what a rank is told is never ahead of what etcd says).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aetcd
+import grpc
+import torch.distributed as dist
+
+from coordinator import state_machine as sm
+from coordinator.cluster_store import ClusterStore
+from coordinator.config import CoordinatorConfig, split_host_port
+from coordinator.logs import fields
+from coordinator.membership import LeaseWatcher
+from coordinator.services import SessionChannel, add_services
+
+log = logging.getLogger(__name__)
+
+HISTORY = 256
+
+
+@dataclass
+class PhaseSpanRecord:
+    phase: sm.Phase
+    op_id: str
+    epoch: int
+    start_unix_ms: float
+    end_unix_ms: float = 0.0
+
+
+@dataclass
+class History:
+    """Recent timeline, failures and finished operations, for GetStatus."""
+
+    timeline: deque[PhaseSpanRecord] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    failures: deque[tuple[sm.RankFailed, float, float]] = field(
+        default_factory=lambda: deque(maxlen=HISTORY)
+    )
+    operations: deque[tuple[sm.OperationEnded, float, float]] = field(
+        default_factory=lambda: deque(maxlen=HISTORY)
+    )
+    op_started_unix_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.machine = sm.RecoveryStateMachine(
+            config.cluster,
+            config.world_size,
+            fingerprint=config.fingerprint,
+            auto_rejoin=config.auto_rejoin,
+            hold_lead_s=config.hold_lead_s,
+        )
+        self.history = History()
+        self.sessions: dict[str, SessionChannel] = {}
+        self.store_port = 0
+        self.listen_port = 0
+        self._events: asyncio.Queue[sm.Event] = asyncio.Queue()
+        self._etcd: aetcd.Client | None = None
+        self._cluster_store: ClusterStore | None = None
+        self._store: dist.TCPStore | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        # Wall clock of a monotonic instant, for times other processes compare.
+        self._wall_offset = time.time() - time.monotonic()
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        host, port = split_host_port(self.config.etcd)
+        self._etcd = aetcd.Client(host=host, port=port)
+        await self._etcd.connect()
+        self._cluster_store = ClusterStore(self._etcd, self.config.cluster)
+        # The rendezvous store lives here, never on a rank: a dead store host
+        # fails silently on set(), and any rank may be the one that dies.
+        self._store = dist.TCPStore(
+            self.config.store_host,
+            self.config.store_port,
+            is_master=True,
+            wait_for_workers=False,
+        )
+        self.store_port = self._store.port
+        await self._persist(self.machine.record())
+        self._tasks = [
+            asyncio.create_task(self._dispatch_loop(), name="dispatch"),
+            asyncio.create_task(self._watch_leases(), name="lease-watch"),
+        ]
+        log.info(
+            "coordinator started",
+            extra=fields(
+                cluster=self.config.cluster,
+                world_size=self.config.world_size,
+                store=f"{self.config.store_host}:{self.store_port}",
+            ),
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for channel in self.sessions.values():
+            channel.outbox.put_nowait(None)
+        if self._etcd is not None:
+            await self._etcd.close()
+        self._store = None
+
+    # --- events in ------------------------------------------------------------
+
+    def submit(self, event: sm.Event) -> None:
+        self._events.put_nowait(event)
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            event = await self._events.get()
+            try:
+                actions = self.machine.handle(event, time.monotonic())
+                records = [a.record for a in actions if isinstance(a, sm.Persist)]
+                if records:
+                    await self._persist(records[-1])
+                for action in actions:
+                    self._carry_out(action)
+            except Exception:
+                log.exception("dispatch failed", extra=fields(event=repr(event)))
+
+    async def _watch_leases(self) -> None:
+        assert self._etcd is not None
+        watcher = LeaseWatcher(self._etcd, self.config.cluster)
+        try:
+            async for event in watcher.events():
+                if event.kind == "delete":
+                    lease_id = int((event.value or {}).get("lease_id", 0))
+                    self.submit(sm.LeaseExpired(event.rank, lease_id))
+        finally:
+            await watcher.close()
+
+    async def _persist(self, record: sm.ClusterRecord) -> None:
+        assert self._cluster_store is not None
+        await self._cluster_store.save(record.to_json())
+
+    # --- actions out ----------------------------------------------------------
+
+    def _carry_out(self, action: sm.Action) -> None:
+        match action:
+            case sm.Accept(session=session) | sm.Send(session=session) | sm.Refuse(session=session):
+                channel = self.sessions.get(session)
+                if channel is not None:
+                    channel.outbox.put_nowait(action)
+            case sm.PhaseEntered():
+                self._record_phase(action)
+            case sm.RankFailed():
+                suspected = (
+                    self._unix_ms(action.suspected_at) if action.suspected_at is not None else 0.0
+                )
+                self.history.failures.append((action, suspected, self._unix_ms(action.at)))
+                log.warning(
+                    "rank failed",
+                    extra=fields(rank=action.rank, reason=action.reason, epoch=self.machine.epoch),
+                )
+            case sm.OperationEnded():
+                now = self._unix_ms(time.monotonic())
+                start = self.history.op_started_unix_ms.pop(action.op_id, now)
+                self.history.operations.append((action, start, now))
+                log.info(
+                    "operation ended",
+                    extra=fields(
+                        op_id=action.op_id,
+                        kind=action.kind,
+                        outcome=action.outcome,
+                        epoch=action.epoch,
+                        stall_ms=round(action.stall_ms, 2),
+                        reason=action.reason,
+                    ),
+                )
+
+    def _record_phase(self, action: sm.PhaseEntered) -> None:
+        at = self._unix_ms(action.at)
+        if self.history.timeline:
+            self.history.timeline[-1].end_unix_ms = at
+        self.history.timeline.append(PhaseSpanRecord(action.phase, action.op_id, action.epoch, at))
+        if action.op_id:
+            self.history.op_started_unix_ms.setdefault(action.op_id, at)
+        log.info(
+            "phase",
+            extra=fields(phase=action.phase, epoch=action.epoch, op_id=action.op_id),
+        )
+
+    def _unix_ms(self, monotonic_s: float) -> float:
+        return (monotonic_s + self._wall_offset) * 1000.0
+
+
+async def serve(
+    config: CoordinatorConfig, on_ready: Callable[[Coordinator], None] | None = None
+) -> None:
+    """Run the daemon until cancelled; `on_ready` is called once it serves."""
+    coordinator = Coordinator(config)
+    await coordinator.start()
+    server = grpc.aio.server()
+    add_services(server, coordinator)
+    bound = server.add_insecure_port(config.listen)
+    if bound == 0:
+        await coordinator.stop()
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    coordinator.listen_port = bound
+    log.info("serving", extra=fields(listen=config.listen, port=bound))
+    if on_ready is not None:
+        on_ready(coordinator)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=0.5)
+        await coordinator.stop()

@@ -1,0 +1,966 @@
+"""The recovery state machine: events in, actions out, no I/O.
+
+One instance is the single authority over a cluster's membership. The runtime
+around it turns gRPC messages and etcd watch events into `Event`s, calls
+`handle(event, now)`, and carries out the returned `Action`s (send a command,
+persist the record, refuse a message). Nothing here reads a clock, a socket or
+etcd, so every property can be tested by feeding events.
+
+Operations (each moves the cluster from one epoch to the next):
+
+- form:   REBUILD -> RESUME                 (all ranks registered)
+- shrink: ABORT -> REBUILD -> RESUME        (a member failed; also the rollback
+                                             of an abandoned grow)
+- grow:   WAIT_READY -> HOLD -> REBUILD -> RESYNC -> RESUME
+
+The new epoch is committed just before RESUME is sent. A failure during an
+operation abandons it; the survivors of the last committed epoch then run a
+shrink to a fresh epoch, and joiners are told to retry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+
+from coordinator.plan import PlanError, ProgressSample, hold_target, next_sample, transfer_plan
+from protos.types import Placement, TransferPlan
+
+
+class Phase(StrEnum):
+    FORMING = "forming"
+    STEADY = "steady"
+    HALTING = "halting"
+    SHRINKING = "shrinking"
+    DEGRADED = "degraded"
+    ADMITTING = "admitting"
+    PAUSING = "pausing"
+    REBUILDING = "rebuilding"
+    RESYNCING = "resyncing"
+    RESUMING = "resuming"
+
+
+class Step(StrEnum):
+    WAIT_READY = "wait_ready"
+    HOLD = "hold"
+    ABORT = "abort"
+    REBUILD = "rebuild"
+    RESYNC = "resync"
+    RESUME = "resume"
+
+
+class OpKind(StrEnum):
+    FORM = "form"
+    SHRINK = "shrink"
+    GROW = "grow"
+
+
+STEPS: dict[OpKind, tuple[Step, ...]] = {
+    OpKind.FORM: (Step.REBUILD, Step.RESUME),
+    OpKind.SHRINK: (Step.ABORT, Step.REBUILD, Step.RESUME),
+    OpKind.GROW: (Step.WAIT_READY, Step.HOLD, Step.REBUILD, Step.RESYNC, Step.RESUME),
+}
+
+PHASE_OF: dict[tuple[OpKind, Step], Phase] = {
+    (OpKind.FORM, Step.REBUILD): Phase.FORMING,
+    (OpKind.FORM, Step.RESUME): Phase.FORMING,
+    (OpKind.SHRINK, Step.ABORT): Phase.HALTING,
+    (OpKind.SHRINK, Step.REBUILD): Phase.SHRINKING,
+    (OpKind.SHRINK, Step.RESUME): Phase.SHRINKING,
+    (OpKind.GROW, Step.WAIT_READY): Phase.ADMITTING,
+    (OpKind.GROW, Step.HOLD): Phase.PAUSING,
+    (OpKind.GROW, Step.REBUILD): Phase.REBUILDING,
+    (OpKind.GROW, Step.RESYNC): Phase.RESYNCING,
+    (OpKind.GROW, Step.RESUME): Phase.RESUMING,
+}
+
+
+class Code(StrEnum):
+    """gRPC status codes the machine refuses with (names as in grpc.StatusCode)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+
+
+class Role(StrEnum):
+    MEMBER = "member"
+    JOINER = "joiner"
+
+
+def store_prefix(cluster: str, epoch: int) -> str:
+    """Rendezvous keys of one epoch; the epoch in the name keeps generations apart."""
+    return f"ep-recovery/{cluster}/epoch-{epoch}/"
+
+
+# --- events ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankRegistered:
+    rank: int
+    session: str
+    cluster: str
+    incarnation: str
+    lease_id: int
+    fingerprint: str
+    rejoin: bool
+    placement: Placement | None = None
+
+
+@dataclass(frozen=True)
+class SessionClosed:
+    rank: int
+    session: str
+
+
+@dataclass(frozen=True)
+class LeaseExpired:
+    rank: int
+    lease_id: int
+
+
+@dataclass(frozen=True)
+class ProgressReported:
+    rank: int
+    session: str
+    iteration: int
+
+
+@dataclass(frozen=True)
+class JoinerReady:
+    rank: int
+    session: str
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    rank: int
+    session: str
+    epoch: int
+    last_completed: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Held:
+    iteration: int
+
+
+@dataclass(frozen=True)
+class PastTarget:
+    iteration: int
+
+
+@dataclass(frozen=True)
+class Halted:
+    last_completed: int
+
+
+@dataclass(frozen=True)
+class GroupsReady:
+    build_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Resynced:
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    transfer_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Resumed:
+    stall_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class CommandFailed:
+    message: str
+
+
+Reply = Held | PastTarget | Halted | GroupsReady | Resynced | Resumed | CommandFailed
+
+
+@dataclass(frozen=True)
+class Acked:
+    rank: int
+    session: str
+    epoch: int
+    op_id: str
+    command_id: int
+    reply: Reply
+
+
+Event = (
+    RankRegistered
+    | SessionClosed
+    | LeaseExpired
+    | ProgressReported
+    | JoinerReady
+    | StepFailed
+    | Acked
+)
+
+# --- commands and actions -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hold:
+    iteration: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    epoch: int
+    members: tuple[int, ...]
+    store_prefix: str
+
+
+@dataclass(frozen=True)
+class Resync:
+    plan: TransferPlan
+    metadata_source: int
+    placement: Placement
+
+
+@dataclass(frozen=True)
+class Resume:
+    iteration: int
+    members: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Retry:
+    reason: str
+
+
+CommandBody = Hold | Abort | Rebuild | Resync | Resume | Retry
+
+
+@dataclass(frozen=True)
+class Accept:
+    rank: int
+    session: str
+    role: Role
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Refuse a message. `end_session` for a refused hello (the stream ends with
+    this status); otherwise the refusal is sent in-band and the session lives."""
+
+    rank: int
+    session: str
+    code: Code
+    message: str
+    end_session: bool = False
+    op_id: str = ""
+    command_id: int = 0
+
+
+@dataclass(frozen=True)
+class Send:
+    rank: int
+    session: str
+    epoch: int
+    op_id: str
+    command_id: int
+    command: CommandBody
+
+
+@dataclass(frozen=True)
+class Persist:
+    record: ClusterRecord
+
+
+@dataclass(frozen=True)
+class PhaseEntered:
+    phase: Phase
+    epoch: int
+    op_id: str
+    at: float
+
+
+@dataclass(frozen=True)
+class RankFailed:
+    rank: int
+    reason: str
+    suspected_at: float | None
+    at: float
+
+
+@dataclass(frozen=True)
+class OperationEnded:
+    op_id: str
+    kind: OpKind
+    outcome: str  # "completed" or "rolled_back"
+    epoch: int
+    joined: tuple[int, ...]
+    left: tuple[int, ...]
+    stall_ms: float
+    reason: str = ""
+    retargets: int = 0
+
+
+Action = Accept | Refuse | Send | Persist | PhaseEntered | RankFailed | OperationEnded
+
+
+# --- state ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OperationRecord:
+    op_id: str
+    kind: OpKind
+    step: Step
+    target_epoch: int
+    survivors: tuple[int, ...]
+    joining: tuple[int, ...]
+    leaving: tuple[int, ...]
+    hold_iteration: int | None
+    cut: int | None
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    """What the coordinator persists on every transition: where things stand."""
+
+    cluster: str
+    world_size: int
+    fingerprint: str
+    epoch: int
+    members: tuple[int, ...]
+    phase: Phase
+    placement: Placement | None
+    operation: OperationRecord | None
+    last_epoch: int
+    op_seq: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+
+@dataclass
+class RankView:
+    session: str | None = None
+    incarnation: str = ""
+    lease_id: int = 0
+    progress: ProgressSample | None = None
+    last_seen: float = 0.0
+    suspected_at: float | None = None
+    failed: bool = False
+    ready: bool = False
+
+
+@dataclass
+class Operation:
+    op_id: str
+    kind: OpKind
+    survivors: tuple[int, ...]
+    joining: tuple[int, ...]
+    leaving: tuple[int, ...]
+    target_epoch: int
+    started_at: float
+    step: Step = Step.WAIT_READY
+    command: CommandBody | None = None
+    command_id: int = 0
+    awaiting: set[int] = field(default_factory=set)
+    hold_iteration: int | None = None
+    hold_attempt: int = 0
+    cut: int | None = None
+    halted: dict[int, int] = field(default_factory=dict)
+    stall_ms: dict[int, float] = field(default_factory=dict)
+    plan: TransferPlan | None = None
+
+    @property
+    def participants(self) -> tuple[int, ...]:
+        return tuple(sorted(self.survivors + self.joining))
+
+    def record(self) -> OperationRecord:
+        return OperationRecord(
+            self.op_id,
+            self.kind,
+            self.step,
+            self.target_epoch,
+            self.survivors,
+            self.joining,
+            self.leaving,
+            self.hold_iteration,
+            self.cut,
+        )
+
+
+class RecoveryStateMachine:
+    def __init__(
+        self,
+        cluster: str,
+        world_size: int,
+        *,
+        fingerprint: str = "",
+        auto_rejoin: bool = True,
+        hold_lead_s: float = 0.05,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.cluster = cluster
+        self.world_size = world_size
+        self.fingerprint = fingerprint
+        self.auto_rejoin = auto_rejoin
+        self.hold_lead_s = hold_lead_s
+        self.phase = Phase.FORMING
+        self.epoch = 0
+        self.members: tuple[int, ...] = ()
+        self.placement: Placement | None = None
+        self.ranks: dict[int, RankView] = {}
+        self.joiners: set[int] = set()
+        self.op: Operation | None = None
+        self.last_epoch = 0
+        self.op_seq = 0
+        self._next_command_id = 1
+        # Epoch at which some rank reported a failed step: evidence that,
+        # together with a broken session, confirms a death before the lease ends.
+        self._step_failures: set[int] = set()
+        self._out: list[Action] = []
+        self._now = 0.0
+        self._last_record: ClusterRecord | None = None
+
+    # --- public -------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        self._now = now
+        self._out = []
+        match event:
+            case RankRegistered():
+                self._on_registered(event)
+            case SessionClosed():
+                self._on_session_closed(event)
+            case LeaseExpired():
+                self._on_lease_expired(event)
+            case ProgressReported():
+                self._on_progress(event)
+            case JoinerReady():
+                self._on_joiner_ready(event)
+            case StepFailed():
+                self._on_step_failed(event)
+            case Acked():
+                self._on_ack(event)
+        self._persist_if_changed()
+        out, self._out = self._out, []
+        return out
+
+    def record(self) -> ClusterRecord:
+        return ClusterRecord(
+            cluster=self.cluster,
+            world_size=self.world_size,
+            fingerprint=self.fingerprint,
+            epoch=self.epoch,
+            members=self.members,
+            phase=self.phase,
+            placement=self.placement,
+            operation=self.op.record() if self.op else None,
+            last_epoch=self.last_epoch,
+            op_seq=self.op_seq,
+        )
+
+    def pending_members(self) -> tuple[int, ...]:
+        if self.op is None:
+            return self.members
+        return self.op.participants
+
+    def rank_state(self, rank: int) -> str:
+        view = self.ranks.get(rank)
+        if view is None:
+            return "absent"
+        if rank in self.joiners:
+            return "joining"
+        if view.failed:
+            return "failed"
+        if rank in self.members and view.suspected_at is not None:
+            return "suspect"
+        if rank in self.members:
+            return "serving"
+        return "absent" if view.session is None else "registered"
+
+    # --- registration -------------------------------------------------------
+
+    def _refuse_hello(self, ev: RankRegistered, code: Code, message: str) -> None:
+        self._emit(Refuse(ev.rank, ev.session, code, message, end_session=True))
+
+    def _on_registered(self, ev: RankRegistered) -> None:
+        if ev.cluster != self.cluster:
+            return self._refuse_hello(
+                ev,
+                Code.INVALID_ARGUMENT,
+                f"cluster {ev.cluster!r} does not match this coordinator's {self.cluster!r}",
+            )
+        if not 0 <= ev.rank < self.world_size:
+            return self._refuse_hello(
+                ev,
+                Code.INVALID_ARGUMENT,
+                f"rank {ev.rank} is outside the cluster (world size {self.world_size}: "
+                f"ranks 0..{self.world_size - 1})",
+            )
+        if self.fingerprint and ev.fingerprint != self.fingerprint:
+            return self._refuse_hello(
+                ev,
+                Code.FAILED_PRECONDITION,
+                f"engine fingerprint {ev.fingerprint!r} of rank {ev.rank} does not match "
+                f"the cluster's {self.fingerprint!r}",
+            )
+        view = self.ranks.get(ev.rank)
+        if view and not view.failed and view.incarnation == ev.incarnation:
+            # The same process reconnecting (its session broke): adopt the new one.
+            return self._reattach(ev, view)
+        if view and view.session is not None and not view.failed:
+            return self._refuse_hello(
+                ev,
+                Code.ALREADY_EXISTS,
+                f"rank {ev.rank} is already registered and live "
+                f"(incarnation {view.incarnation}); a second process cannot take its place",
+            )
+        if not self.members:
+            return self._register_founder(ev)
+        if not ev.rejoin:
+            return self._refuse_hello(
+                ev,
+                Code.FAILED_PRECONDITION,
+                f"cluster {self.cluster!r} is already serving (epoch {self.epoch}); "
+                f"relaunch rank {ev.rank} with --rejoin to be admitted",
+            )
+        if ev.rank in self.members:
+            # A relaunched process for a member proves the old one is gone.
+            self._confirm_failed(ev.rank, "replaced by a new incarnation")
+        self.ranks[ev.rank] = RankView(
+            session=ev.session,
+            incarnation=ev.incarnation,
+            lease_id=ev.lease_id,
+            last_seen=self._now,
+        )
+        self.joiners.add(ev.rank)
+        self._emit(Accept(ev.rank, ev.session, Role.JOINER, self.epoch))
+        self._maybe_start_operation()
+
+    def _register_founder(self, ev: RankRegistered) -> None:
+        if ev.rejoin:
+            return self._refuse_hello(
+                ev,
+                Code.FAILED_PRECONDITION,
+                f"cluster {self.cluster!r} has not formed yet; start rank {ev.rank} "
+                "without --rejoin",
+            )
+        if ev.placement is None:
+            return self._refuse_hello(
+                ev, Code.INVALID_ARGUMENT, f"rank {ev.rank} sent no expert placement"
+            )
+        if self.placement is not None and ev.placement != self.placement:
+            return self._refuse_hello(
+                ev,
+                Code.FAILED_PRECONDITION,
+                f"expert placement of rank {ev.rank} differs from the other founders'",
+            )
+        self.placement = ev.placement
+        if not self.fingerprint:
+            self.fingerprint = ev.fingerprint
+        self.ranks[ev.rank] = RankView(
+            session=ev.session,
+            incarnation=ev.incarnation,
+            lease_id=ev.lease_id,
+            last_seen=self._now,
+        )
+        self._emit(Accept(ev.rank, ev.session, Role.MEMBER, self.epoch))
+        self._maybe_start_operation()
+
+    def _reattach(self, ev: RankRegistered, view: RankView) -> None:
+        view.session = ev.session
+        view.lease_id = ev.lease_id
+        view.suspected_at = None
+        view.last_seen = self._now
+        role = Role.JOINER if ev.rank in self.joiners else Role.MEMBER
+        self._emit(Accept(ev.rank, ev.session, role, self.epoch))
+        op = self.op
+        if op and ev.rank in op.awaiting and op.command is not None:
+            self._emit(
+                Send(ev.rank, ev.session, op.target_epoch, op.op_id, op.command_id, op.command)
+            )
+        self._maybe_start_operation()
+
+    # --- liveness -------------------------------------------------------------
+
+    def _current(self, rank: int, session: str) -> RankView | None:
+        view = self.ranks.get(rank)
+        if view is None or view.session != session:
+            return None
+        view.last_seen = self._now
+        return view
+
+    def _on_session_closed(self, ev: SessionClosed) -> None:
+        view = self.ranks.get(ev.rank)
+        if view is None or view.session != ev.session:
+            return
+        view.session = None
+        if ev.rank in self.joiners or not self.members:
+            # Not serving anyone: a joiner or founder that left is simply gone.
+            return self._confirm_failed(ev.rank, "session closed before admission")
+        if ev.rank in self.members:
+            # Only a step failure reported after this confirms it (BUG-6).
+            view.suspected_at = self._now
+
+    def _on_lease_expired(self, ev: LeaseExpired) -> None:
+        view = self.ranks.get(ev.rank)
+        if view is None or view.failed or (ev.lease_id and ev.lease_id != view.lease_id):
+            return
+        self._confirm_failed(ev.rank, "lease expired")
+
+    def _on_progress(self, ev: ProgressReported) -> None:
+        view = self._current(ev.rank, ev.session)
+        if view is not None:
+            view.progress = next_sample(view.progress, ev.iteration, self._now)
+
+    def _on_step_failed(self, ev: StepFailed) -> None:
+        if self._current(ev.rank, ev.session) is None or ev.epoch != self.epoch:
+            return
+        if self.op is not None and self.op.kind == OpKind.SHRINK:
+            return  # the shrink's own Abort made the step fail: no evidence (BUG-6)
+        self._step_failures.add(ev.rank)
+        for rank in self.members:
+            view = self.ranks.get(rank)
+            if view and view.suspected_at is not None and not view.failed:
+                self._confirm_failed(rank, "session closed and peers' collectives failed")
+
+    def _confirm_failed(self, rank: int, reason: str) -> None:
+        view = self.ranks.setdefault(rank, RankView())
+        if view.failed:
+            return
+        view.failed = True
+        view.ready = False
+        self._emit(RankFailed(rank, reason, view.suspected_at, self._now))
+        view.suspected_at = None
+        self.joiners.discard(rank)
+        op = self.op
+        if op is not None and rank in op.participants:
+            self._abandon(f"rank {rank} failed: {reason}")
+        self._maybe_start_operation()
+
+    # --- joiners --------------------------------------------------------------
+
+    def _on_joiner_ready(self, ev: JoinerReady) -> None:
+        view = self._current(ev.rank, ev.session)
+        if view is None or ev.rank not in self.joiners:
+            return
+        view.ready = True
+        op = self.op
+        if op and op.step == Step.WAIT_READY and ev.rank in op.joining:
+            self._advance_if_ready()
+        self._maybe_start_operation()
+
+    # --- operations -----------------------------------------------------------
+
+    def _new_op(self, kind: OpKind, survivors: Iterable[int], joining: Iterable[int]) -> Operation:
+        self.op_seq += 1
+        self.last_epoch += 1
+        survivors_t = tuple(sorted(survivors))
+        joining_t = tuple(sorted(joining))
+        leaving = tuple(sorted(set(self.members) - set(survivors_t)))
+        return Operation(
+            op_id=f"{self.cluster}-{self.op_seq:06d}-{kind}",
+            kind=kind,
+            survivors=survivors_t,
+            joining=joining_t,
+            leaving=leaving,
+            target_epoch=self.last_epoch,
+            started_at=self._now,
+        )
+
+    def _maybe_start_operation(self) -> None:
+        if self.op is not None:
+            return
+        if not self.members:
+            founders = [r for r, v in self.ranks.items() if v.session and not v.failed]
+            if len(founders) == self.world_size:
+                self._begin(self._new_op(OpKind.FORM, (), founders))
+            return
+        member_views = [self.ranks.get(r, RankView()) for r in self.members]
+        if any(v.failed for v in member_views):
+            return self._start_shrink()
+        if any(v.suspected_at is not None for v in member_views):
+            return  # admit once the suspicion is cleared or confirmed
+        joiners = sorted(r for r in self.joiners if self.ranks[r].session)
+        if joiners and self.auto_rejoin:
+            self._begin(self._new_op(OpKind.GROW, self.members, joiners))
+
+    def _start_shrink(self) -> None:
+        # A relaunched member is a joiner: never a survivor (BUG-4).
+        survivors = [
+            r
+            for r in self.members
+            if not self.ranks.get(r, RankView()).failed and r not in self.joiners
+        ]
+        if not survivors:
+            self._cluster_lost()
+            return
+        self._begin(self._new_op(OpKind.SHRINK, survivors, ()))
+
+    def _cluster_lost(self) -> None:
+        # No member is left to hold the weights: the cluster must be formed anew.
+        for rank in sorted(self.joiners):
+            self._send_retry(rank, "every member of the cluster failed; restart the cluster")
+        self.joiners.clear()
+        self.members = ()
+        self.placement = None
+        self.ranks = {r: v for r, v in self.ranks.items() if not v.failed and v.session}
+        self._set_phase(Phase.FORMING, "")
+
+    def _begin(self, op: Operation) -> None:
+        self.op = op
+        self._enter(STEPS[op.kind][0])
+
+    def _enter(self, step: Step) -> None:
+        op = self.op
+        assert op is not None
+        op.step = step
+        self._set_phase(PHASE_OF[(op.kind, step)], op.op_id)
+        if step == Step.WAIT_READY:
+            op.awaiting = set()
+            self._advance_if_ready()
+            return
+        if step == Step.RESUME:
+            self.epoch = op.target_epoch
+            self.members = op.participants
+            self._step_failures.clear()
+            for rank in op.joining:  # members from now on (BUG-2)
+                self.joiners.discard(rank)
+                self.ranks[rank].ready = False
+        command, recipients = self._command_for(op, step)
+        self._send_to(op, command, recipients)
+
+    def _command_for(self, op: Operation, step: Step) -> tuple[CommandBody, tuple[int, ...]]:
+        match step:
+            case Step.HOLD:
+                samples = {
+                    r: self.ranks[r].progress or ProgressSample(0, self._now, 0.0)
+                    for r in op.survivors
+                }
+                target = hold_target(samples, self._now, self.hold_lead_s, op.hold_attempt)
+                if op.hold_iteration is not None:
+                    target = max(target, op.hold_iteration + 1)
+                op.hold_iteration = target
+                return Hold(target), op.survivors
+            case Step.ABORT:
+                return Abort(self.epoch), op.survivors
+            case Step.REBUILD:
+                prefix = store_prefix(self.cluster, op.target_epoch)
+                return Rebuild(op.target_epoch, op.participants, prefix), op.participants
+            case Step.RESYNC:
+                assert self.placement is not None and op.plan is not None
+                source = min(op.survivors)
+                return Resync(op.plan, source, self.placement), op.participants
+            case Step.RESUME:
+                iteration = {
+                    OpKind.FORM: 0,
+                    OpKind.SHRINK: op.cut if op.cut is not None else 0,
+                    OpKind.GROW: op.hold_iteration if op.hold_iteration is not None else 0,
+                }[op.kind]
+                return Resume(iteration, op.participants), op.participants
+        raise AssertionError(f"no command for step {step}")
+
+    def _send_to(self, op: Operation, command: CommandBody, recipients: Iterable[int]) -> None:
+        op.command = command
+        op.command_id = self._next_command_id
+        self._next_command_id += 1
+        op.awaiting = set(recipients)
+        for rank in sorted(op.awaiting):
+            session = self.ranks[rank].session
+            if session is not None:
+                self._emit(Send(rank, session, op.target_epoch, op.op_id, op.command_id, command))
+
+    def _advance_if_ready(self) -> None:
+        op = self.op
+        assert op is not None and op.step == Step.WAIT_READY
+        if not all(self.ranks[r].ready for r in op.joining):
+            return
+        assert self.placement is not None
+        try:
+            op.plan = transfer_plan(self.placement, op.survivors, op.joining)
+        except PlanError as exc:
+            for rank in op.joining:  # not again until it says ready again (BUG-3)
+                self.ranks[rank].ready = False
+            self._abandon(str(exc))
+            return
+        self._enter(Step.HOLD)
+
+    def _next_step(self) -> None:
+        op = self.op
+        assert op is not None
+        steps = STEPS[op.kind]
+        index = steps.index(op.step)
+        if index + 1 < len(steps):
+            self._enter(steps[index + 1])
+            return
+        self._finish(op)
+
+    def _finish(self, op: Operation) -> None:
+        stall = max(op.stall_ms.values(), default=0.0)
+        self.op = None
+        for rank in op.joining:
+            self.joiners.discard(rank)
+            self.ranks[rank].ready = False
+        self._emit(
+            OperationEnded(
+                op.op_id,
+                op.kind,
+                "completed",
+                self.epoch,
+                op.joining,
+                op.leaving,
+                stall,
+                retargets=op.hold_attempt,
+            )
+        )
+        self._set_phase(self._idle_phase(), "")
+        self._maybe_start_operation()
+
+    def _abandon(self, reason: str) -> None:
+        op = self.op
+        assert op is not None
+        self.op = None
+        self._emit(
+            OperationEnded(
+                op.op_id, op.kind, "rolled_back", self.epoch, (), op.leaving, 0.0, reason
+            )
+        )
+        # Entering RESUME committed the epoch: its joiners are members, and
+        # the rollback is a shrink from that epoch (BUG-1, BUG-2).
+        committed = op.step == Step.RESUME
+        if op.step not in (Step.WAIT_READY, Step.RESUME):
+            # Joiners may hold half-built groups: they start their admission over.
+            for rank in op.joining:
+                view = self.ranks.get(rank)
+                if view is not None and not view.failed:
+                    view.ready = False
+                    self._send_retry(rank, reason)
+        if op.kind == OpKind.FORM and not committed:
+            self._set_phase(Phase.FORMING, "")
+            self.ranks = {r: v for r, v in self.ranks.items() if not v.failed}
+        elif op.step != Step.WAIT_READY or any(
+            self.ranks.get(r, RankView()).failed for r in self.members
+        ):
+            # Survivors may be held or on half-built groups: rebuild among them.
+            self._start_shrink()
+        else:
+            self._set_phase(self._idle_phase(), "")
+        self._maybe_start_operation()
+
+    def _send_retry(self, rank: int, reason: str) -> None:
+        session = self.ranks[rank].session
+        if session is None:
+            return
+        command_id = self._next_command_id
+        self._next_command_id += 1
+        self._emit(Send(rank, session, self.epoch, "", command_id, Retry(reason)))
+
+    def _idle_phase(self) -> Phase:
+        if not self.members:
+            return Phase.FORMING
+        return Phase.STEADY if len(self.members) == self.world_size else Phase.DEGRADED
+
+    # --- acks -----------------------------------------------------------------
+
+    def _on_ack(self, ev: Acked) -> None:
+        view = self._current(ev.rank, ev.session)
+        if view is None:
+            return
+        op = self.op
+
+        def refuse(code: Code, message: str) -> None:
+            self._emit(Refuse(ev.rank, ev.session, code, message, False, ev.op_id, ev.command_id))
+
+        if op is None:
+            return refuse(
+                Code.FAILED_PRECONDITION,
+                f"ack for operation {ev.op_id!r} of epoch {ev.epoch} but no operation is in "
+                f"flight (the cluster is at epoch {self.epoch})",
+            )
+        if ev.op_id != op.op_id:
+            return refuse(
+                Code.FAILED_PRECONDITION,
+                f"ack for operation {ev.op_id!r} but operation {op.op_id!r} is in flight",
+            )
+        if ev.epoch != op.target_epoch:
+            return refuse(
+                Code.FAILED_PRECONDITION,
+                f"ack carries stale epoch {ev.epoch}; operation {op.op_id!r} is for "
+                f"epoch {op.target_epoch}",
+            )
+        if ev.command_id != op.command_id:
+            return refuse(
+                Code.FAILED_PRECONDITION,
+                f"ack for command {ev.command_id} but command {op.command_id} is current",
+            )
+        if ev.rank not in op.awaiting:
+            return  # a duplicate ack: already counted
+        reply = ev.reply
+        if isinstance(reply, CommandFailed):
+            # Evidence, not a verdict: the culprit is usually a peer that died.
+            self._step_failures.add(ev.rank)
+            # Nothing else will arrive for this step: roll back (BUG-5).
+            self._abandon(f"rank {ev.rank} failed {op.step}: {reply.message}")
+            return
+        expected = {
+            Step.HOLD: (Held, PastTarget),
+            Step.ABORT: (Halted,),
+            Step.REBUILD: (GroupsReady,),
+            Step.RESYNC: (Resynced,),
+            Step.RESUME: (Resumed,),
+        }[op.step]
+        if not isinstance(reply, expected):
+            return refuse(
+                Code.INVALID_ARGUMENT,
+                f"{type(reply).__name__} does not answer the {op.step} command",
+            )
+        match reply:
+            case PastTarget(iteration):
+                view.progress = next_sample(view.progress, iteration, self._now)
+                op.hold_attempt += 1
+                command, recipients = self._command_for(op, Step.HOLD)
+                self._send_to(op, command, recipients)
+                return
+            case Held(iteration) if iteration != op.hold_iteration:
+                return refuse(
+                    Code.FAILED_PRECONDITION,
+                    f"held at iteration {iteration} but the target is {op.hold_iteration}",
+                )
+            case Halted(last_completed):
+                op.halted[ev.rank] = last_completed
+            case Resumed(stall_ms):
+                op.stall_ms[ev.rank] = stall_ms
+        op.awaiting.discard(ev.rank)
+        if op.awaiting:
+            return
+        if op.step == Step.ABORT:
+            op.cut = min(op.halted.values())
+        self._next_step()
+
+    # --- output ---------------------------------------------------------------
+
+    def _emit(self, action: Action) -> None:
+        self._out.append(action)
+
+    def _set_phase(self, phase: Phase, op_id: str) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            self._emit(PhaseEntered(phase, self.epoch, op_id, self._now))
+
+    def _persist_if_changed(self) -> None:
+        record = self.record()
+        if record != self._last_record:
+            self._last_record = record
+            self._emit(Persist(record))

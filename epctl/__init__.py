@@ -1,0 +1,1 @@
+"""epctl: the operator's command line, the demo, and a local etcd launcher."""

@@ -1,0 +1,132 @@
+"""`epctl`: the operator's command line (and the demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+
+def _kill_event(text: str) -> list[int]:
+    try:
+        ranks = [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--kill takes ranks like 2 or 4,5,6,7; got {text!r}"
+        ) from None
+    if not ranks or len(set(ranks)) != len(ranks):
+        raise argparse.ArgumentTypeError(f"--kill needs distinct ranks; got {text!r}")
+    return ranks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epctl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run a local cluster, kill ranks, rejoin them, report")
+    demo.add_argument("--ranks", type=int, default=4, help="ranks in the cluster (default 4)")
+    demo.add_argument("--ranks-per-node", type=int, default=1, help="ranks sharing a node")
+    demo.add_argument(
+        "--kill",
+        type=_kill_event,
+        action="append",
+        metavar="R[,R...]",
+        help="one failure event (repeatable); a comma list dies at once, as a node does "
+        "(default: one event killing rank 1)",
+    )
+    demo.add_argument("--requests", type=int, default=48, help="requests to serve")
+    demo.add_argument("--seed", type=int, default=1234)
+    demo.add_argument("--etcd", help="use this etcd (host:port) instead of starting one")
+    demo.add_argument("--lease-ttl", type=int, default=1, help="rank lease TTL in seconds")
+    demo.add_argument("--workdir", type=Path, help="keep logs and files here")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON (last line)")
+
+    status = sub.add_parser("status", help="show a coordinator's view of its cluster")
+    status.add_argument("--endpoint", default="127.0.0.1:50051", help="coordinator host:port")
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    return _status(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from epctl.demo import DemoError, DemoOptions, render_report, report_ok, run_demo
+
+    if args.ranks < 2:
+        sys.stderr.write("epctl demo: --ranks must be at least 2\n")
+        return EXIT_USAGE
+    if args.ranks_per_node < 1 or args.ranks % args.ranks_per_node:
+        sys.stderr.write(
+            f"epctl demo: --ranks-per-node {args.ranks_per_node} must divide --ranks {args.ranks}\n"
+        )
+        return EXIT_USAGE
+    opts = DemoOptions(
+        ranks=args.ranks,
+        ranks_per_node=args.ranks_per_node,
+        kills=args.kill or [[1]],
+        requests=args.requests,
+        seed=args.seed,
+        etcd=args.etcd,
+        json_output=args.json,
+        lease_ttl_s=args.lease_ttl,
+        workdir=args.workdir,
+    )
+    try:
+        report = run_demo(opts, sys.stdout)
+    except KeyboardInterrupt:
+        sys.stderr.write("epctl demo: interrupted; everything it started was stopped\n")
+        return 130
+    except (DemoError, ValueError) as exc:
+        sys.stderr.write(f"epctl demo: {exc}\n")
+        return EXIT_FAILED
+    if args.json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        render_report(report, sys.stdout)
+    return EXIT_OK if report_ok(report) else EXIT_FAILED
+
+
+def _status(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+
+    with grpc.insecure_channel(args.endpoint) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        try:
+            status = stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            sys.stderr.write(
+                f"epctl: cannot reach coordinator at {args.endpoint}: {exc.code().name}\n"
+            )
+            return EXIT_UNAVAILABLE
+    if args.output == "json":
+        sys.stdout.write(json.dumps(MessageToDict(status)) + "\n")
+        return EXIT_OK
+    phase = common_pb2.Phase.Name(status.phase).removeprefix("PHASE_").lower()
+    sys.stdout.write(
+        f"cluster {status.cluster}  epoch {status.epoch}  phase {phase}  "
+        f"members {list(status.members)}\n"
+    )
+    sys.stdout.write(f"{'RANK':>4}  {'STATE':<8}  {'ITERATION':>9}  {'HEARTBEAT':>9}\n")
+    for rank in status.ranks:
+        state = admin_pb2.RankState.Name(rank.state).removeprefix("RANK_STATE_").lower()
+        beat = f"{rank.last_heartbeat_ms_ago} ms" if rank.last_heartbeat_ms_ago >= 0 else "-"
+        sys.stdout.write(f"{rank.rank:>4}  {state:<8}  {rank.iteration:>9}  {beat:>9}\n")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

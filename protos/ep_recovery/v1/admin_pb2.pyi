@@ -1,0 +1,146 @@
+from protos.ep_recovery.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RankState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RANK_STATE_UNSPECIFIED: _ClassVar[RankState]
+    RANK_STATE_ABSENT: _ClassVar[RankState]
+    RANK_STATE_SERVING: _ClassVar[RankState]
+    RANK_STATE_SUSPECT: _ClassVar[RankState]
+    RANK_STATE_FAILED: _ClassVar[RankState]
+    RANK_STATE_JOINING: _ClassVar[RankState]
+RANK_STATE_UNSPECIFIED: RankState
+RANK_STATE_ABSENT: RankState
+RANK_STATE_SERVING: RankState
+RANK_STATE_SUSPECT: RankState
+RANK_STATE_FAILED: RankState
+RANK_STATE_JOINING: RankState
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RankStatus(_message.Message):
+    __slots__ = ("rank", "state", "iteration", "last_heartbeat_ms_ago", "incarnation", "lease_id")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_MS_AGO_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    state: RankState
+    iteration: int
+    last_heartbeat_ms_ago: int
+    incarnation: str
+    lease_id: int
+    def __init__(self, rank: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., iteration: _Optional[int] = ..., last_heartbeat_ms_ago: _Optional[int] = ..., incarnation: _Optional[str] = ..., lease_id: _Optional[int] = ...) -> None: ...
+
+class Operation(_message.Message):
+    __slots__ = ("op_id", "kind", "phase", "target_epoch", "joining", "leaving", "hold_iteration")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    JOINING_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
+    HOLD_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    kind: str
+    phase: _common_pb2.Phase
+    target_epoch: int
+    joining: _containers.RepeatedScalarFieldContainer[int]
+    leaving: _containers.RepeatedScalarFieldContainer[int]
+    hold_iteration: int
+    def __init__(self, op_id: _Optional[str] = ..., kind: _Optional[str] = ..., phase: _Optional[_Union[_common_pb2.Phase, str]] = ..., target_epoch: _Optional[int] = ..., joining: _Optional[_Iterable[int]] = ..., leaving: _Optional[_Iterable[int]] = ..., hold_iteration: _Optional[int] = ...) -> None: ...
+
+class ClusterStatus(_message.Message):
+    __slots__ = ("cluster", "epoch", "phase", "members", "pending_members", "world_size", "placement_version", "ranks", "operation", "fingerprint", "timeline", "failures", "operations", "leader")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    OPERATIONS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    epoch: int
+    phase: _common_pb2.Phase
+    members: _containers.RepeatedScalarFieldContainer[int]
+    pending_members: _containers.RepeatedScalarFieldContainer[int]
+    world_size: int
+    placement_version: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
+    operation: Operation
+    fingerprint: str
+    timeline: _containers.RepeatedCompositeFieldContainer[PhaseSpan]
+    failures: _containers.RepeatedCompositeFieldContainer[FailureRecord]
+    operations: _containers.RepeatedCompositeFieldContainer[OperationSummary]
+    leader: bool
+    def __init__(self, cluster: _Optional[str] = ..., epoch: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.Phase, str]] = ..., members: _Optional[_Iterable[int]] = ..., pending_members: _Optional[_Iterable[int]] = ..., world_size: _Optional[int] = ..., placement_version: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., operation: _Optional[_Union[Operation, _Mapping]] = ..., fingerprint: _Optional[str] = ..., timeline: _Optional[_Iterable[_Union[PhaseSpan, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[FailureRecord, _Mapping]]] = ..., operations: _Optional[_Iterable[_Union[OperationSummary, _Mapping]]] = ..., leader: _Optional[bool] = ...) -> None: ...
+
+class PhaseSpan(_message.Message):
+    __slots__ = ("phase", "op_id", "epoch", "start_unix_ms", "end_unix_ms")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    phase: _common_pb2.Phase
+    op_id: str
+    epoch: int
+    start_unix_ms: float
+    end_unix_ms: float
+    def __init__(self, phase: _Optional[_Union[_common_pb2.Phase, str]] = ..., op_id: _Optional[str] = ..., epoch: _Optional[int] = ..., start_unix_ms: _Optional[float] = ..., end_unix_ms: _Optional[float] = ...) -> None: ...
+
+class FailureRecord(_message.Message):
+    __slots__ = ("rank", "reason", "suspected_unix_ms", "confirmed_unix_ms")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SUSPECTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    reason: str
+    suspected_unix_ms: float
+    confirmed_unix_ms: float
+    def __init__(self, rank: _Optional[int] = ..., reason: _Optional[str] = ..., suspected_unix_ms: _Optional[float] = ..., confirmed_unix_ms: _Optional[float] = ...) -> None: ...
+
+class OperationSummary(_message.Message):
+    __slots__ = ("op_id", "kind", "outcome", "epoch", "joined", "left", "stall_ms", "start_unix_ms", "end_unix_ms", "reason", "retargets")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    JOINED_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    STALL_MS_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RETARGETS_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    kind: str
+    outcome: str
+    epoch: int
+    joined: _containers.RepeatedScalarFieldContainer[int]
+    left: _containers.RepeatedScalarFieldContainer[int]
+    stall_ms: float
+    start_unix_ms: float
+    end_unix_ms: float
+    reason: str
+    retargets: int
+    def __init__(self, op_id: _Optional[str] = ..., kind: _Optional[str] = ..., outcome: _Optional[str] = ..., epoch: _Optional[int] = ..., joined: _Optional[_Iterable[int]] = ..., left: _Optional[_Iterable[int]] = ..., stall_ms: _Optional[float] = ..., start_unix_ms: _Optional[float] = ..., end_unix_ms: _Optional[float] = ..., reason: _Optional[str] = ..., retargets: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,125 @@
+"""One rank of the reference EP cluster: `python -m reference_engine.worker`.
+
+The serving loop is what an engine integration looks like: the agent's hook at
+every iteration boundary, and `on_step_failed` when a collective raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from coordinator.logs import configure_logging, fields
+from reference_engine.adapter import ReferenceEngineAdapter
+from reference_engine.config import ModelConfig
+from reference_engine.engine import EPEngine
+from reference_engine.frontend import FrontendClient
+from reference_engine.model import derive_weights, load_checkpoint
+from reference_engine.placement import build_placement
+from worker_agent.adapter import StepAborted
+from worker_agent.agent import AgentConfig, AgentStopped, RegistrationRefused, WorkerAgent
+from worker_agent.groups import CollectiveFailed
+
+log = logging.getLogger("reference_engine.worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reference_engine.worker", description=__doc__)
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--ranks-per-node", type=int, default=1)
+    p.add_argument("--coordinator", required=True, help="coordinator host:port")
+    p.add_argument("--etcd", required=True, help="etcd host:port")
+    p.add_argument("--checkpoint", type=Path, help="weights file (default: derived from --seed)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--frontend", help="request router host:port")
+    p.add_argument("--frontend-key", default="", help="router auth key (hex)")
+    p.add_argument(
+        "--rejoin", action="store_true", help="ask to be admitted into a running cluster"
+    )
+    p.add_argument("--lease-ttl", type=int, default=1)
+    p.add_argument("--idle-sleep-ms", type=float, default=2.0, help="pause when no request runs")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    if args.checkpoint is not None:
+        cfg, weights = load_checkpoint(args.checkpoint)
+    else:
+        cfg = ModelConfig(seed=args.seed)
+        weights = derive_weights(cfg)
+    placement = build_placement(
+        args.world_size, args.ranks_per_node, cfg.n_experts, cfg.replicas, cfg.n_layers
+    )
+    frontend: FrontendClient | None = None
+    answer = None
+    if args.frontend:
+        host, _, port = args.frontend.rpartition(":")
+        frontend = FrontendClient((host, int(port)), bytes.fromhex(args.frontend_key), args.rank)
+        answer = frontend.answer
+    # A joiner's expert slots start empty: they must come from healthy peers.
+    engine = EPEngine(
+        cfg,
+        args.rank,
+        args.world_size,
+        placement,
+        weights,
+        load_experts=not args.rejoin,
+        on_complete=answer,
+    )
+    adapter = ReferenceEngineAdapter(engine, cfg)
+    agent = WorkerAgent(
+        AgentConfig(
+            cluster=args.cluster,
+            rank=args.rank,
+            coordinator=args.coordinator,
+            etcd=args.etcd,
+            rejoin=args.rejoin,
+            lease_ttl_s=args.lease_ttl,
+        ),
+        adapter,
+    )
+    try:
+        agent.start()
+    except RegistrationRefused as exc:
+        log.error("registration refused", extra=fields(rank=args.rank, reason=str(exc)))
+        return 3
+    try:
+        agent.at_boundary(engine.iteration)  # ready: blocks until admitted
+        if frontend is not None:
+            frontend.serve(engine.submit)
+        log.info("serving", extra=fields(rank=args.rank, iteration=engine.iteration))
+        while not stop.is_set():
+            agent.at_boundary(engine.iteration)
+            try:
+                engine.step()
+            except (StepAborted, CollectiveFailed) as exc:
+                agent.on_step_failed(engine.iteration, exc)
+                continue
+            if not engine.busy():
+                time.sleep(args.idle_sleep_ms / 1000.0)
+    except AgentStopped as exc:
+        log.error("stopped serving", extra=fields(rank=args.rank, reason=str(exc)))
+        return 4
+    finally:
+        agent.stop()
+        if frontend is not None:
+            frontend.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""A coordinator process plus real WorkerAgents driving a minimal engine.
+
+The engine here is not the MoE model: each iteration is one all-reduce over the
+epoch's group (so a departed rank breaks the step, as in a real EP engine), and
+its "experts" are small tensors whose values say which logical expert they
+hold. The adapter records every call, so tests can assert what each rank did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+import torch.distributed as dist
+
+from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+from protos.types import Placement
+from worker_agent.adapter import GroupSpec, StepAborted
+from worker_agent.agent import AgentConfig, AgentStopped, WorkerAgent
+from worker_agent.groups import CollectiveFailed, build_gloo_group, wait_work
+
+SLOTS_PER_RANK = 2
+LAYERS = 2
+
+
+def ring_placement(world_size: int) -> Placement:
+    """Expert e on slots e and (e + slots_per_rank) mod n: two ranks apart."""
+    n = world_size * SLOTS_PER_RANK
+    experts = n // 2
+    layer = tuple(slot % experts for slot in range(n))
+    return Placement(1, SLOTS_PER_RANK, (layer,) * LAYERS)
+
+
+def expert_value(layer: int, expert: int) -> float:
+    return 1000.0 * layer + expert + 0.5
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@dataclass
+class RecordingAdapter:
+    rank: int
+    world_size: int
+    fingerprint_value: str = "test-engine-v1"
+    stale_placement: bool = False
+    load_experts: bool = True
+    calls: list[tuple[object, ...]] = field(default_factory=list)
+    group: dist.ProcessGroup | None = None
+    aborted_through: int = 0
+    epoch: int = 0
+    members: tuple[int, ...] = ()
+    iteration: int = 0
+    metadata: bytes = b""
+
+    def __post_init__(self) -> None:
+        self._placement = ring_placement(self.world_size)
+        self.tensors: dict[tuple[int, int], torch.Tensor] = {}
+        for layer, slot_expert in enumerate(self._placement.layers):
+            for slot in self._placement.slots_of_rank(self.rank):
+                value = (
+                    expert_value(layer, slot_expert[slot]) if self.load_experts else float("nan")
+                )
+                self.tensors[(layer, slot)] = torch.full((4, 3), value, dtype=torch.float64)
+        self.metadata = json.dumps({"owner": self.rank, "stale": self.stale_placement}).encode()
+
+    def fingerprint(self) -> str:
+        return self.fingerprint_value
+
+    def placement(self) -> Placement:
+        if self.stale_placement:
+            # A relaunched rank's own view: a reversed, wrong placement.
+            return Placement(0, SLOTS_PER_RANK, tuple(t[::-1] for t in self._placement.layers))
+        return self._placement
+
+    def abort_collectives(self, epoch: int) -> None:
+        self.aborted_through = max(self.aborted_through, epoch)
+
+    def rebuild_groups(self, spec: GroupSpec) -> None:
+        self.calls.append(("rebuild", spec.epoch, spec.store_prefix, spec.members))
+        self.group = build_gloo_group(spec, self.rank, "ring", lambda: False)
+        self.group_epoch = spec.epoch
+
+    def expert_tensors(self, layer: int, slot: int) -> Sequence[torch.Tensor]:
+        self.calls.append(("expert", layer, slot))
+        return [self.tensors[(layer, slot)]]
+
+    def export_metadata(self) -> bytes:
+        self.calls.append(("export",))
+        return self.metadata
+
+    def apply_metadata(self, blob: bytes, placement: Placement) -> None:
+        self.calls.append(("apply", blob, placement.version))
+        self.metadata = blob
+
+    def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
+        self.calls.append(("reset", epoch, iteration, tuple(members)))
+        self.epoch, self.iteration, self.members = epoch, iteration, tuple(members)
+
+    def step(self) -> None:
+        """One iteration: an all-reduce every member must join."""
+        assert self.group is not None
+        work = self.group.allreduce([torch.ones(1)])
+        wait_work(work, lambda: self.aborted_through >= self.group_epoch)
+        self.iteration += 1
+
+    def experts_ok(self) -> bool:
+        return all(
+            bool(torch.all(t == expert_value(layer, self._placement.layers[layer][slot])))
+            for (layer, slot), t in self.tensors.items()
+        )
+
+
+class ThreadRank:
+    """A rank whose engine loop runs in a thread of the test process."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        coordinator: str,
+        etcd: str,
+        cluster: str,
+        rejoin: bool = False,
+        **adapter_kwargs: object,
+    ) -> None:
+        self.adapter = RecordingAdapter(
+            rank,
+            world_size,
+            load_experts=not rejoin,
+            **adapter_kwargs,  # type: ignore[arg-type]
+        )
+        self.agent = WorkerAgent(
+            AgentConfig(
+                cluster=cluster, rank=rank, coordinator=coordinator, etcd=etcd, rejoin=rejoin
+            ),
+            self.adapter,
+        )
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self.hook_calls = 0
+        self._thread = threading.Thread(target=self._loop, name=f"rank{rank}", daemon=True)
+
+    def start(self) -> ThreadRank:
+        self.agent.start()
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        adapter = self.adapter
+        try:
+            while not self.stop_event.is_set():
+                self.agent.at_boundary(adapter.iteration)
+                self.hook_calls += 1
+                try:
+                    adapter.step()
+                except (StepAborted, CollectiveFailed) as exc:
+                    self.agent.on_step_failed(adapter.iteration, exc)
+                time.sleep(0.002)
+        except AgentStopped:
+            pass
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.agent.stop()
+        self._thread.join(timeout=20)
+        if self.error is not None:
+            raise self.error
+
+
+class CoordinatorProcess:
+    def __init__(self, workdir: Path, cluster: str, world_size: int, etcd: str, *extra: str):
+        self.ready_file = workdir / f"{cluster}-coordinator.json"
+        self.log = (workdir / f"{cluster}-coordinator.log").open("w")
+        argv = [
+            sys.executable, "-m", "coordinator",
+            "--cluster", cluster, "--world-size", str(world_size),
+            "--listen", "127.0.0.1:0", "--etcd", etcd,
+            "--ready-file", str(self.ready_file), *extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.ready_file.exists() or self.proc.poll() is not None, 30, "ready")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"coordinator exited: {(workdir / self.log.name).read_text()}")
+        info = json.loads(self.ready_file.read_text())
+        self.endpoint = f"127.0.0.1:{info['listen_port']}"
+        self._channel = grpc.insecure_channel(self.endpoint)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def status(self) -> admin_pb2.ClusterStatus:
+        return self.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+
+    def phase(self) -> str:
+        return common_pb2.Phase.Name(self.status().phase).removeprefix("PHASE_").lower()
+
+    def stop(self) -> None:
+        self._channel.close()
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@contextlib.contextmanager
+def thread_cluster(
+    tmp_path: Path, etcd: str, cluster: str, world_size: int, *coordinator_args: str
+) -> Iterator[tuple[CoordinatorProcess, dict[int, ThreadRank]]]:
+    coord = CoordinatorProcess(tmp_path, cluster, world_size, etcd, *coordinator_args)
+    ranks: dict[int, ThreadRank] = {}
+    try:
+        for rank in range(world_size):
+            ranks[rank] = ThreadRank(rank, world_size, coord.endpoint, etcd, cluster).start()
+        wait_until(lambda: coord.phase() == "steady", 30, "the cluster to form")
+        yield coord, ranks
+    finally:
+        for r in list(ranks.values()):
+            with contextlib.suppress(BaseException):
+                r.stop()
+        coord.stop()

@@ -1,0 +1,79 @@
+"""What an engine implements so that the agent can execute recovery commands.
+
+Every method except `abort_collectives` is called on the engine's own thread,
+while the engine is held at an iteration boundary (or inside `on_step_failed`),
+so an implementation needs no locking of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from protos.types import Placement
+
+__all__ = ["EngineAdapter", "GroupSpec", "Placement", "StepAborted"]
+
+
+class StepAborted(RuntimeError):
+    """Raised by an engine's collective wait when the agent aborted its epoch."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Where and how to build the process groups of one epoch.
+
+    Group rank i is cluster rank `members[i]`; every key of the rendezvous lives
+    under `store_prefix` on the coordinator-hosted TCPStore, so groups of two
+    epochs never mix.
+    """
+
+    epoch: int
+    store_host: str
+    store_port: int
+    store_prefix: str
+    members: tuple[int, ...]
+    timeout_s: float
+
+    def group_rank(self, rank: int) -> int:
+        return self.members.index(rank)
+
+
+class EngineAdapter(Protocol):
+    def fingerprint(self) -> str:
+        """Identifies model, weights and engine build; ranks of one cluster agree."""
+        ...
+
+    def placement(self) -> Placement:
+        """The engine's own view of the expert placement (may be stale on a joiner)."""
+        ...
+
+    def abort_collectives(self, epoch: int) -> None:
+        """Make every pending and future collective of epochs <= `epoch` raise
+        `StepAborted`. Called from the agent's thread; must not block."""
+        ...
+
+    def rebuild_groups(self, spec: GroupSpec) -> None:
+        """Build this epoch's process groups (the old ones are abandoned)."""
+        ...
+
+    def expert_tensors(self, layer: int, slot: int) -> Sequence[torch.Tensor]:
+        """The tensors of one expert slot, in a fixed order: sent from, or
+        received into (in place)."""
+        ...
+
+    def export_metadata(self) -> bytes:
+        """Placement metadata to hand to the other ranks (from a healthy rank)."""
+        ...
+
+    def apply_metadata(self, blob: bytes, placement: Placement) -> None:
+        """Adopt metadata exported by a healthy rank and the coordinator's placement."""
+        ...
+
+    def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
+        """Resume after `iteration` in `epoch` with `members` active: roll back any
+        work past `iteration`, route experts only to `members`, clear per-epoch state."""
+        ...

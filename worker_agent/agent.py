@@ -1,0 +1,495 @@
+"""`WorkerAgent`: the engine's whole integration surface.
+
+    agent = WorkerAgent(config, adapter)
+    agent.start()                        # register; returns once welcomed
+    while serving:
+        agent.at_boundary(engine.iteration)   # a comparison when nothing is pending
+        try:
+            engine.step()
+        except (StepAborted, CollectiveFailed) as exc:
+            agent.on_step_failed(engine.iteration, exc)   # held until rebuilt
+    agent.stop()
+
+A background thread runs an asyncio loop that keeps the etcd lease alive and
+holds the gRPC session. Commands that need the engine (rebuild, resync, resume)
+run on the engine's thread while it is held inside `at_boundary` or
+`on_step_failed`, so the engine never sees a concurrent call.
+
+The first `at_boundary` call is the rank's "ready": a founder then waits for
+the cluster to form, a joiner is admitted; either returns once resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+import grpc
+import torch.distributed as dist
+
+from coordinator.logs import fields
+from protos.ep_recovery.v1 import worker_pb2, worker_pb2_grpc
+from protos.types import Placement, TransferPlan
+from worker_agent.adapter import EngineAdapter, GroupSpec, StepAborted
+from worker_agent.groups import build_gloo_group
+from worker_agent.lease import RankLease
+from worker_agent.resync import execute_resync
+
+log = logging.getLogger(__name__)
+
+# `_hold_at` when nothing is pending: no iteration reaches it.
+NEVER = 1 << 62
+# Before admission every boundary takes the slow path.
+ALWAYS = -(1 << 62)
+
+REFUSAL_CODES = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+)
+
+
+class RegistrationRefused(RuntimeError):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class AgentStopped(RuntimeError):
+    """The agent was stopped, or lost its lease: the engine must stop serving."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    cluster: str
+    rank: int
+    coordinator: str
+    etcd: str
+    rejoin: bool = False
+    lease_ttl_s: int = 1
+    connect_timeout_s: float = 60.0
+    group_hostname: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class _Order:
+    """A command the coordinator sent, as the engine thread executes it."""
+
+    epoch: int
+    op_id: str
+    command_id: int
+    command: worker_pb2.Command
+
+
+_WAKE = object()  # the hold target changed
+
+
+class WorkerAgent:
+    def __init__(self, config: AgentConfig, adapter: EngineAdapter) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.incarnation = uuid.uuid4().hex
+        self.epoch = 0
+        self.stall_ms: list[float] = []
+        # Written by the engine at every boundary, read by the agent thread.
+        self._iteration = -1
+        # The only thing the hot path reads: the next iteration to stop at.
+        self._hold_at = ALWAYS
+        self._hold: _Order | None = None
+        self._hold_lock = threading.Lock()
+        self._admitted = False
+        self._inbox: queue.Queue[_Order | object] = queue.Queue()
+        self._last_command_id = 0
+        self._group: dist.ProcessGroup | None = None
+        self._members: tuple[int, ...] = ()
+        self._progress_interval_s = 0.05
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: asyncio.Queue[worker_pb2.WorkerMessage] | None = None
+        self._thread: threading.Thread | None = None
+        self._welcomed = threading.Event()
+        self._start_error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._fatal: str | None = None
+
+    # --- engine surface -------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the lease and register with the coordinator; raises
+        RegistrationRefused with the coordinator's reason when refused."""
+        self._thread = threading.Thread(target=self._run_loop, name="ep-agent", daemon=True)
+        self._thread.start()
+        if not self._welcomed.wait(self.config.connect_timeout_s):
+            self.stop()
+            raise TimeoutError(
+                f"no answer from coordinator {self.config.coordinator} "
+                f"within {self.config.connect_timeout_s} s"
+            )
+        if self._start_error is not None:
+            error = self._start_error
+            self.stop()
+            raise error
+
+    def at_boundary(self, iteration: int) -> None:
+        self._iteration = iteration
+        if iteration >= self._hold_at:
+            self._on_target(iteration)
+
+    def on_step_failed(self, last_completed: int, error: BaseException) -> None:
+        """The engine's step raised; hold until the coordinator has rebuilt the
+        groups. On return the engine's state was reset through the adapter."""
+        log.warning(
+            "step failed",
+            extra=fields(rank=self.config.rank, epoch=self.epoch, error=str(error)[:200]),
+        )
+        self._send(
+            worker_pb2.WorkerMessage(
+                step_failed=worker_pb2.StepFailed(
+                    epoch=self.epoch, last_completed=last_completed, message=str(error)[:500]
+                )
+            )
+        )
+        self._serve(last_completed, time.perf_counter(), failed=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._inbox.put(_WAKE)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(lambda: None)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    # --- held: the engine's thread executes commands -----------------------------
+
+    def _on_target(self, iteration: int) -> None:
+        if not self._admitted:
+            if self.config.rejoin:
+                self._send(worker_pb2.WorkerMessage(ready=worker_pb2.JoinerReady(epoch=self.epoch)))
+            self._serve(iteration, time.perf_counter(), failed=False)
+            return
+        with self._hold_lock:
+            hold = self._hold
+            if hold is None or iteration != hold.command.hold.iteration:
+                if hold is None or iteration > hold.command.hold.iteration:
+                    # Passed it (the agent thread said so) or nothing pending.
+                    self._hold_at = NEVER if hold is None else self._hold_at
+                return
+        self._ack(hold, held=worker_pb2.Held(iteration=iteration))
+        self._serve(iteration, time.perf_counter(), failed=False)
+
+    def _serve(self, iteration: int, held_since: float, failed: bool) -> None:
+        while True:
+            item = self._inbox.get()
+            self._check_alive()
+            if item is _WAKE:
+                if self._admitted and not failed and self._released(iteration):
+                    return
+                continue
+            assert isinstance(item, _Order)
+            if item.epoch < self.epoch and item.op_id:
+                log.info("stale command ignored", extra=fields(epoch=item.epoch, op=item.op_id))
+                continue
+            try:
+                if self._execute(item, iteration, held_since):
+                    return
+            except AgentStopped:
+                raise
+            except Exception as exc:
+                log.exception("command failed", extra=fields(op_id=item.op_id))
+                self._ack(item, failed=worker_pb2.CommandFailed(message=str(exc)[:500]))
+
+    def _released(self, iteration: int) -> bool:
+        with self._hold_lock:
+            hold = self._hold
+            return hold is None or hold.command.hold.iteration > iteration
+
+    def _execute(self, order: _Order, iteration: int, held_since: float) -> bool:
+        """Run one command; True when the engine may serve again."""
+        cmd = order.command
+        superseded = self._superseded_by_newer(order)
+        match cmd.WhichOneof("body"):
+            case "abort":
+                self._ack(order, halted=worker_pb2.Halted(last_completed=iteration))
+            case "rebuild":
+                g = cmd.rebuild.groups
+                spec = GroupSpec(
+                    epoch=g.epoch,
+                    store_host=g.store_host,
+                    store_port=g.store_port,
+                    store_prefix=g.store_prefix,
+                    members=tuple(g.members),
+                    timeout_s=g.timeout_ms / 1000.0,
+                )
+                started = time.perf_counter()
+                self._group = build_gloo_group(
+                    spec, self.config.rank, "agent", superseded, self.config.group_hostname
+                )
+                self._members = spec.members
+                self.adapter.rebuild_groups(
+                    replace(spec, store_prefix=spec.store_prefix + "engine/")
+                )
+                build_ms = (time.perf_counter() - started) * 1000.0
+                self._ack(order, groups_ready=worker_pb2.GroupsReady(build_ms=build_ms))
+            case "resync":
+                if self._group is None:
+                    raise RuntimeError("resync before the groups of the epoch were built")
+                result = execute_resync(
+                    group=self._group,
+                    rank=self.config.rank,
+                    members=self._members,
+                    plan=TransferPlan.from_proto(cmd.resync.plan),
+                    metadata_source=cmd.resync.metadata_source,
+                    placement=Placement.from_proto(cmd.resync.placement),
+                    adapter=self.adapter,
+                    aborted=superseded,
+                )
+                self._ack(
+                    order,
+                    resynced=worker_pb2.Resynced(
+                        bytes_received=result.bytes_received,
+                        bytes_sent=result.bytes_sent,
+                        transfer_ms=result.transfer_ms,
+                    ),
+                )
+            case "resume":
+                members = tuple(cmd.resume.members)
+                self.adapter.reset_state(order.epoch, cmd.resume.iteration, members)
+                self.epoch = order.epoch
+                with self._hold_lock:
+                    self._hold = None
+                    self._hold_at = NEVER
+                was_admitted, self._admitted = self._admitted, True
+                stall_ms = (time.perf_counter() - held_since) * 1000.0 if was_admitted else 0.0
+                if was_admitted:
+                    self.stall_ms.append(stall_ms)
+                self._ack(order, resumed=worker_pb2.Resumed(stall_ms=stall_ms))
+                log.info(
+                    "resumed",
+                    extra=fields(
+                        rank=self.config.rank,
+                        epoch=self.epoch,
+                        iteration=cmd.resume.iteration,
+                        stall_ms=round(stall_ms, 2),
+                    ),
+                )
+                return True
+            case "retry":
+                log.warning("admission rolled back", extra=fields(reason=cmd.retry.reason))
+                self._group = None
+                self._send(worker_pb2.WorkerMessage(ready=worker_pb2.JoinerReady(epoch=self.epoch)))
+            case "hold":
+                pass  # the agent thread handles hold orders
+        return False
+
+    def _superseded_by_newer(self, order: _Order) -> _Superseded:
+        return _Superseded(self, order.command_id)
+
+    def _check_alive(self) -> None:
+        if self._fatal is not None:
+            raise AgentStopped(self._fatal)
+        if self._stopping.is_set():
+            raise AgentStopped("agent stopped")
+
+    def _ack(self, order: _Order, **body: object) -> None:
+        ack = worker_pb2.Ack(epoch=order.epoch, op_id=order.op_id, command_id=order.command_id)
+        for name, value in body.items():
+            getattr(ack, name).CopyFrom(value)
+        self._send(worker_pb2.WorkerMessage(ack=ack))
+
+    def _send(self, message: worker_pb2.WorkerMessage) -> None:
+        loop, outbox = self._loop, self._outbox
+        if loop is None or outbox is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(outbox.put_nowait, message)
+
+    # --- the agent's thread: lease and session ---------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # surfaced to the engine via start()/_check_alive
+            self._start_error = self._start_error or exc
+            self._fatal = self._fatal or f"agent thread died: {exc}"
+            log.exception("agent thread died")
+        finally:
+            self._welcomed.set()
+            self._inbox.put(_WAKE)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._outbox = asyncio.Queue()
+        host, _, port = self.config.etcd.rpartition(":")
+        lease = RankLease(
+            host=host,
+            port=int(port),
+            cluster=self.config.cluster,
+            rank=self.config.rank,
+            ttl=self.config.lease_ttl_s,
+            value={
+                "rank": self.config.rank,
+                "incarnation": self.incarnation,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+            },
+            on_lost=self._on_lease_lost,
+        )
+        await lease.start()
+        stop = asyncio.create_task(asyncio.to_thread(self._stopping.wait))
+        try:
+            attempt = 0
+            while not self._stopping.is_set():
+                session = asyncio.create_task(self._session(lease.lease_id))
+                done, _ = await asyncio.wait({session, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    session.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await session
+                    break
+                try:
+                    session.result()
+                    attempt = 0
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in REFUSAL_CODES and not self._welcomed.is_set():
+                        self._start_error = RegistrationRefused(exc.code(), exc.details() or "")
+                        self._welcomed.set()
+                        break
+                    log.warning(
+                        "session lost, reconnecting",
+                        extra=fields(rank=self.config.rank, code=exc.code().name),
+                    )
+                attempt += 1
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+        finally:
+            stop.cancel()
+            self._stopping.set()
+            with contextlib.suppress(Exception):
+                await lease.stop()
+
+    def _on_lease_lost(self) -> None:
+        self._fatal = "etcd lease lost: the coordinator will remove this rank"
+        log.error("lease lost", extra=fields(rank=self.config.rank))
+        self._inbox.put(_WAKE)
+
+    async def _session(self, lease_id: int) -> None:
+        assert self._outbox is not None
+        placement = self.adapter.placement()
+        hello = worker_pb2.Hello(
+            cluster=self.config.cluster,
+            rank=self.config.rank,
+            fingerprint=self.adapter.fingerprint(),
+            lease_id=lease_id,
+            rejoin=self.config.rejoin,
+            incarnation=self.incarnation,
+            placement=placement.to_proto(),
+        )
+        async with grpc.aio.insecure_channel(self.config.coordinator) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            call = stub.Session()
+            await call.write(worker_pb2.WorkerMessage(hello=hello))
+            first = await call.read()
+            if first is grpc.aio.EOF or not first.HasField("welcome"):
+                raise RuntimeError("coordinator did not welcome the session")
+            self._progress_interval_s = first.welcome.progress_interval_ms / 1000.0
+            log.info(
+                "registered",
+                extra=fields(
+                    rank=self.config.rank,
+                    role=worker_pb2.Role.Name(first.welcome.role),
+                    epoch=first.welcome.epoch,
+                ),
+            )
+            self._welcomed.set()
+            writer = asyncio.create_task(self._write(call))
+            progress = asyncio.create_task(self._report_progress())
+            try:
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        raise grpc.aio.AioRpcError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            grpc.aio.Metadata(),
+                            grpc.aio.Metadata(),
+                            "coordinator ended the session",
+                        )
+                    if msg.HasField("command"):
+                        self._on_command(msg.command)
+                    elif msg.HasField("refusal"):
+                        log.warning(
+                            "coordinator refused a message",
+                            extra=fields(
+                                code=msg.refusal.code,
+                                message=msg.refusal.message,
+                                op_id=msg.refusal.op_id,
+                            ),
+                        )
+            finally:
+                writer.cancel()
+                progress.cancel()
+
+    async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
+        assert self._outbox is not None
+        while True:
+            await call.write(await self._outbox.get())
+
+    async def _report_progress(self) -> None:
+        last = None
+        while True:
+            iteration = self._iteration
+            if iteration != last:
+                last = iteration
+                self._send(
+                    worker_pb2.WorkerMessage(progress=worker_pb2.Progress(iteration=iteration))
+                )
+            await asyncio.sleep(self._progress_interval_s)
+
+    def _on_command(self, cmd: worker_pb2.Command) -> None:
+        order = _Order(cmd.epoch, cmd.op_id, cmd.command_id, cmd)
+        self._last_command_id = max(self._last_command_id, cmd.command_id)
+        kind = cmd.WhichOneof("body")
+        if kind == "hold":
+            self._on_hold(order)
+            return
+        if kind == "abort":
+            # Releases a step blocked on a dead peer; the engine then holds.
+            self.adapter.abort_collectives(cmd.abort.epoch)
+        self._inbox.put(order)
+
+    def _on_hold(self, order: _Order) -> None:
+        target = order.command.hold.iteration
+        with self._hold_lock:
+            self._hold = order
+            self._hold_at = target
+            # Written after `_hold_at`, read after the engine wrote `_iteration`:
+            # if it is below the target, the engine's check at the target sees it.
+            reached = self._iteration
+        if reached >= target:
+            self._ack(order, past_target=worker_pb2.PastTarget(iteration=reached))
+        self._inbox.put(_WAKE)
+
+
+@dataclass(frozen=True)
+class _Superseded:
+    """True once a command newer than `command_id` arrived: the coordinator has
+    moved on (abandoned the operation), so a blocking step gives up."""
+
+    agent: WorkerAgent
+    command_id: int
+
+    def __call__(self) -> bool:
+        return self.agent._last_command_id > self.command_id or self.agent._fatal is not None
+
+
+__all__ = ["AgentConfig", "AgentStopped", "RegistrationRefused", "StepAborted", "WorkerAgent"]
