@@ -168,29 +168,3 @@ def test_bad_registrations_are_refused_and_change_nothing(
             q.put(None)
             channel.close()  # type: ignore[attr-defined]
         assert _status_key(coord) == before
-
-
-def test_stale_epoch_ack_is_refused_in_band(tmp_path: Path, etcd: str, cluster_name: str) -> None:
-    with thread_cluster(tmp_path, etcd, cluster_name, WORLD, "--no-auto-rejoin") as (coord, ranks):
-        ranks.pop(3).stop()
-        wait_until(lambda: coord.phase() == "degraded", 30, "shrink")
-        channel, responses, q = _raw_session(  # type: ignore[misc]
-            coord.endpoint, _hello(cluster_name, 3, rejoin=True)
-        )
-        welcome = next(responses)  # type: ignore[call-overload]
-        assert welcome.HasField("welcome")
-        before = _status_key(coord)
-        q.put(
-            worker_pb2.WorkerMessage(
-                ack=worker_pb2.Ack(
-                    epoch=1, op_id="old-op", command_id=1, held=worker_pb2.Held(iteration=5)
-                )
-            )
-        )
-        refusal = next(responses)  # type: ignore[call-overload]
-        assert refusal.HasField("refusal")
-        assert refusal.refusal.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
-        assert "old-op" in refusal.refusal.message and "epoch 1" in refusal.refusal.message
-        assert _status_key(coord) == before
-        q.put(None)
-        channel.close()  # type: ignore[attr-defined]

@@ -1634,7 +1634,3 @@ def run_simulation(sim: type[ClusterSim]) -> None:
 
 def test_simulated_cluster_keeps_the_invariants_and_converges() -> None:
     run_simulation(ClusterSim)
-
-
-def test_simulated_cluster_with_session_blips_keeps_the_invariants_and_converges() -> None:
-    run_simulation(BlippingClusterSim)
