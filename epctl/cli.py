@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from epctl.demo import DemoError, DemoOptions, render_report, report_ok, run_demo
+    from epctl.demo import DemoError, DemoOptions, check_kills, render_report, report_ok, run_demo
 
     if args.ranks < 2:
         sys.stderr.write("epctl demo: --ranks must be at least 2\n")
@@ -82,6 +82,11 @@ def _demo(args: argparse.Namespace) -> int:
         lease_ttl_s=args.lease_ttl,
         workdir=args.workdir,
     )
+    try:
+        check_kills(opts)
+    except ValueError as exc:
+        sys.stderr.write(f"epctl demo: {exc}\n")
+        return EXIT_USAGE
     try:
         report = run_demo(opts, sys.stdout)
     except KeyboardInterrupt:

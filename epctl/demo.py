@@ -74,11 +74,13 @@ class Processes:
         self.procs[name] = proc
         return proc
 
-    def kill(self, name: str) -> None:
-        proc = self.procs[name]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    def kill_together(self, names: list[str]) -> None:
+        """SIGKILL these processes back to back (as a lost node does), then reap them."""
+        for name in names:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.procs[name].pid, signal.SIGKILL)
+        for name in names:
+            self.procs[name].wait()
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
@@ -132,6 +134,32 @@ class StatusWatcher:
         self._channel.close()
 
 
+def check_kills(opts: DemoOptions) -> None:
+    """Raise ValueError unless every failure event is one the cluster survives."""
+    from reference_engine.config import ModelConfig
+    from reference_engine.placement import build_placement, live_replicas
+
+    cfg = ModelConfig(seed=opts.seed)
+    placement = build_placement(
+        opts.ranks, opts.ranks_per_node, cfg.n_experts, cfg.replicas, cfg.n_layers
+    )
+    for event in opts.kills:
+        outside = [r for r in event if not 0 <= r < opts.ranks]
+        if outside:
+            raise ValueError(
+                f"--kill {','.join(map(str, event))}: rank {outside[0]} is outside the "
+                f"cluster (0..{opts.ranks - 1})"
+            )
+        survivors = set(range(opts.ranks)) - set(event)
+        for expert in range(cfg.n_experts):
+            if not live_replicas(placement, 0, expert, survivors):
+                raise ValueError(
+                    f"--kill {','.join(map(str, event))}: would lose every replica of "
+                    f"expert {expert}; the placement survives the loss of any one rank or "
+                    f"any one node ({opts.ranks_per_node} rank(s) per node)"
+                )
+
+
 def run_demo(opts: DemoOptions, out: TextIO) -> dict[str, Any]:
     """Run the demo; returns the report. Raises DemoError on setup failures."""
     from reference_engine.config import ModelConfig
@@ -145,10 +173,7 @@ def run_demo(opts: DemoOptions, out: TextIO) -> dict[str, Any]:
             out.write(line + "\n")
             out.flush()
 
-    for event in opts.kills:
-        for rank in event:
-            if not 0 <= rank < opts.ranks:
-                raise DemoError(f"--kill {rank}: rank outside the cluster (0..{opts.ranks - 1})")
+    check_kills(opts)
     t0_unix_ms = time.time() * 1000.0
     with contextlib.ExitStack() as stack:
         workdir = opts.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -251,11 +276,11 @@ def run_demo(opts: DemoOptions, out: TextIO) -> dict[str, Any]:
         for event in opts.kills:
             router.submit(next(batches, []))
             wait_for(lambda: len(router.ledger.answers) > 0, 60, "the first answers")
-            kill_unix_ms = time.time() * 1000.0
-            for rank in event:
-                procs.kill(f"rank{rank}")
-            show(f"[{(kill_unix_ms - t0_unix_ms) / 1000:7.3f}s] SIGKILL rank(s) {event}")
+            # Taken before the kill: a fast detection must not hide in the baseline.
             failures_before = {(f.rank, f.confirmed_unix_ms) for f in status().failures}
+            kill_unix_ms = time.time() * 1000.0
+            procs.kill_together([f"rank{rank}" for rank in event])
+            show(f"[{(kill_unix_ms - t0_unix_ms) / 1000:7.3f}s] SIGKILL rank(s) {event}")
 
             def detected(ranks: list[int] = event, before: set[Any] = failures_before) -> bool:
                 new = {

@@ -1,0 +1,185 @@
+"""`epctl demo` end to end: real etcd, coordinator and rank processes, as a user runs it.
+
+Each demo runs with TMPDIR pointed into the test's directory, so everything it
+creates (its etcd data dir, checkpoint, ready file) is named under that path:
+after the demo exits, no process may still mention it and the directory must
+be empty again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+GROW_PHASES = ["admitting", "pausing", "rebuilding", "resyncing", "resuming"]
+
+
+def _pids_mentioning(path: Path) -> list[int]:
+    found = []
+    needle = str(path).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue  # exited while we looked
+    return found
+
+
+def _demo_env(tmp: Path) -> dict[str, str]:
+    tmp.mkdir()
+    return {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+
+
+def _run_demo(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[int, str, str]:
+    tmp = tmp_path / "tmp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "epctl.cli", "demo", *args],
+        env=_demo_env(tmp),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert _pids_mentioning(tmp) == [], "the demo left processes behind"
+    assert list(tmp.iterdir()) == [], "the demo left files in its temporary dir"
+    return proc.returncode, out, err
+
+
+def _last_json(out: str) -> dict[str, Any]:
+    lines = out.strip().splitlines()
+    assert lines, "no output"
+    report = json.loads(lines[-1])
+    assert isinstance(report, dict)
+    return report
+
+
+def _check_served_everything(report: dict[str, Any], ranks: int) -> None:
+    req = report["requests"]
+    assert req["submitted"] > 0
+    assert req["completed"] == req["submitted"]
+    assert req["lost"] == 0
+    assert req["duplicated"] == 0
+    assert report["outputs_match_reference"] is True
+    assert report["ranks"] == ranks
+    assert report["final_members"] == list(range(ranks))
+
+
+def _grow_sequences(timeline: list[dict[str, Any]]) -> int:
+    """How many times the timeline runs through the whole admission, in order."""
+    phases = [span["phase"] for span in timeline]
+    n = len(GROW_PHASES)
+    return sum(phases[i : i + n] == GROW_PHASES for i in range(len(phases)))
+
+
+def test_kill_one_rank_and_rejoin_it_json_contract(tmp_path: Path) -> None:
+    rc, out, err = _run_demo(tmp_path, "--json")
+    assert rc == 0, err[-3000:]
+    report = _last_json(out)
+    _check_served_everything(report, 4)
+
+    assert [f["rank"] for f in report["failures"]] == [1]
+    assert report["failures"][0]["detect_ms"] > 0
+    assert [r["rank"] for r in report["rejoins"]] == [1]
+    assert report["rejoins"][0]["stall_ms"] > 0
+    # form (1), shrink (2), grow (3): the epoch moved once per membership change
+    assert report["final_epoch"] == 3
+
+    timeline = report["timeline"]
+    assert timeline[0]["phase"] == "steady"
+    assert timeline[-1]["phase"] == "steady" and timeline[-1]["end_ms"] is None
+    assert "degraded" in [s["phase"] for s in timeline]
+    assert _grow_sequences(timeline) == 1
+    for before, after in itertools.pairwise(timeline):
+        assert before["end_ms"] == after["start_ms"], "timeline spans must tile"
+        assert before["start_ms"] <= before["end_ms"]
+
+
+def test_kill_rank_0_then_a_whole_node(tmp_path: Path) -> None:
+    rc, out, err = _run_demo(
+        tmp_path, "--json", "--ranks-per-node", "2", "--kill", "0", "--kill", "2,3"
+    )
+    assert rc == 0, err[-3000:]
+    report = _last_json(out)
+    _check_served_everything(report, 4)
+    assert sorted(f["rank"] for f in report["failures"]) == [0, 2, 3]
+    # one admission per rank, each listed once
+    assert sorted(r["rank"] for r in report["rejoins"]) == [0, 2, 3]
+    assert _grow_sequences(report["timeline"]) == 3
+
+
+def test_human_report_shows_phases_and_verdict(tmp_path: Path) -> None:
+    rc, out, err = _run_demo(tmp_path, "--kill", "3", "--requests", "16")
+    assert rc == 0, err[-3000:]
+    assert "phase pausing" in out and "phase degraded" in out
+    assert "outputs match the single-process reference" in out
+    assert out.rstrip().endswith("OK")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--kill", "9"], "rank 9 is outside the cluster"),
+        (["--kill", "0,2"], "would lose every replica of expert 0"),
+        (["--kill", "1,x"], "--kill takes ranks like"),
+        (["--ranks", "1"], "--ranks must be at least 2"),
+        (["--ranks-per-node", "3"], "must divide --ranks 4"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_problem_and_start_nothing(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    rc, out, err = _run_demo(tmp_path, *args, timeout=60)
+    assert rc == 2
+    assert message in err
+    assert out == ""
+
+
+def test_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "epctl.cli", "demo"],
+        env=_demo_env(tmp),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        seen = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if line.startswith("cluster formed"):
+                break
+        assert seen and seen[-1].startswith("cluster formed"), "".join(seen)
+        assert _pids_mentioning(tmp), "the running demo should own processes under its TMPDIR"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert "interrupted" in err
+    assert _pids_mentioning(tmp) == []
+    assert list(tmp.iterdir()) == []
