@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test lint typecheck unit protos bench clean
+.PHONY: setup demo test lint typecheck protos clean
 
 setup: $(STAMP)
 

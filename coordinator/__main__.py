@@ -12,63 +12,147 @@ import signal
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
+import yaml
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import ConfigError, CoordinatorConfig, load_config
 from coordinator.logs import configure_logging, fields
+from coordinator.systemd_notify import SystemdNotifier
 
 log = logging.getLogger("ep-coordinator")
 
 
+_RUN_EPILOG = """\
+Settings come from, each overriding the one before: the defaults, the YAML file
+given with --config, environment variables EP_COORDINATOR_<FIELD> (e.g.
+EP_COORDINATOR_WORLD_SIZE=16), and the flags given here. Validate a file with
+`ep-coordinator check-config FILE`.
+"""
+
+
+def _default(name: str) -> str:
+    return f"(default: {CoordinatorConfig.model_fields[name].default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The run mode's flags; a flag left out does not override the file or environment."""
     p = argparse.ArgumentParser(
         prog="ep-coordinator",
         description="Recovery coordinator for elastic expert-parallel inference.",
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--cluster", required=True, help="cluster name (the etcd key prefix)")
-    p.add_argument("--world-size", type=int, required=True, help="number of rank slots")
-    p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC host:port (port 0: free)")
-    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd client endpoint host:port")
-    p.add_argument("--store-host", default="127.0.0.1", help="address ranks reach the store on")
-    p.add_argument("--store-port", type=int, default=0, help="rendezvous store port (0: free)")
-    p.add_argument("--progress-interval-ms", type=int, default=50)
-    p.add_argument("--hold-lead-s", type=float, default=0.05)
-    p.add_argument("--group-timeout-s", type=float, default=30.0)
-    p.add_argument("--no-auto-rejoin", action="store_true", help="do not admit joiners")
-    p.add_argument("--fingerprint", default="", help="expected engine fingerprint")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
+    p.add_argument(
+        "--cluster", help="cluster name, the etcd key prefix (required here or in the file/env)"
+    )
+    p.add_argument(
+        "--world-size", type=int, help="number of rank slots (required here or in the file/env)"
+    )
+    p.add_argument("--listen", help=f"gRPC host:port, port 0 picks a free one {_default('listen')}")
+    p.add_argument("--etcd", help=f"etcd client endpoint host:port {_default('etcd')}")
+    p.add_argument(
+        "--store-host", help=f"address ranks reach the store on {_default('store_host')}"
+    )
+    p.add_argument("--store-port", type=int, help="rendezvous store port (default: 0, free)")
+    p.add_argument(
+        "--progress-interval-ms",
+        type=int,
+        help=f"how often ranks report progress {_default('progress_interval_ms')}",
+    )
+    p.add_argument(
+        "--hold-lead-s",
+        type=float,
+        help=f"time a hold order takes to arrive {_default('hold_lead_s')}",
+    )
+    p.add_argument(
+        "--group-timeout-s",
+        type=float,
+        help=f"limit for building an epoch's groups {_default('group_timeout_s')}",
+    )
+    p.add_argument(
+        "--auto-rejoin",
+        action=argparse.BooleanOptionalAction,
+        help="admit relaunched ranks (default: yes)",
+    )
+    p.add_argument("--fingerprint", help="expected engine fingerprint (default: the first seen)")
     p.add_argument("--ready-file", type=Path, help="write {pid, listen_port, store_port} here")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--log-level", help=_default("log_level"))
+    p.add_argument("--log-format", choices=("text", "json"), help=_default("log_format"))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
+def build_check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ep-coordinator check-config",
+        description="Validate a configuration file (with EP_COORDINATOR_* overrides applied) "
+        "and print the effective configuration. Exits 2 naming the field on bad input.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE", help="YAML configuration file")
+    p.add_argument("--format", choices=("yaml", "json"), default="yaml", help="output format")
+    return p
+
+
+def _refuse(err: ConfigError) -> int:
+    for problem in err.problems:
+        sys.stderr.write(f"ep-coordinator: {problem}\n")
+    return 2
+
+
+def check_config(argv: list[str]) -> int:
+    args = build_check_parser().parse_args(argv)
     try:
-        config = CoordinatorConfig(
-            cluster=args.cluster,
-            world_size=args.world_size,
-            listen=args.listen,
-            etcd=args.etcd,
-            store_host=args.store_host,
-            store_port=args.store_port,
-            progress_interval_ms=args.progress_interval_ms,
-            hold_lead_s=args.hold_lead_s,
-            group_timeout_s=args.group_timeout_s,
-            auto_rejoin=not args.no_auto_rejoin,
-            fingerprint=args.fingerprint,
-        )
-    except ValidationError as exc:
-        for err in exc.errors():
-            where = ".".join(str(x) for x in err["loc"])
-            sys.stderr.write(f"ep-coordinator: invalid {where}: {err['msg']}\n")
-        return 2
+        config, sources = load_config(args.file, os.environ)
+    except ConfigError as err:
+        return _refuse(err)
+    values = config.model_dump(mode="json")
+    if args.format == "json":
+        sys.stdout.write(json.dumps(values, indent=2) + "\n")
+        return 0
+    overridden = sorted(s for s in set(sources.values()) if s.startswith("environment "))
+    header = f"# effective configuration from {args.file}"
+    if overridden:
+        header += ", with " + ", ".join(s.removeprefix("environment ") for s in overridden)
+    sys.stdout.write(header + "\n" + yaml.safe_dump(values, sort_keys=False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check-config"]:
+        return check_config(argv[1:])
+    args = build_parser().parse_args(argv)
+    flags = {
+        name: value
+        for name, value in vars(args).items()
+        if name in CoordinatorConfig.model_fields and value is not None
+    }
+    try:
+        config, _ = load_config(args.config, os.environ, flags)
+    except ConfigError as err:
+        return _refuse(err)
+    configure_logging(config.log_level, config.log_format)
     return asyncio.run(_run(config, args.ready_file))
 
 
+ROLE = "leader"  # one coordinator today; the standby comes with HA
+
+
+def status_line(phase: str, epoch: int) -> str:
+    """The systemd STATUS= text: role, phase and epoch."""
+    return f"role={ROLE} phase={phase} epoch={epoch}"
+
+
 async def _run(config: CoordinatorConfig, ready_file: Path | None) -> int:
+    import aetcd.exceptions
+
+    from coordinator import state_machine as sm
     from coordinator.runtime import Coordinator, serve
+
+    notifier = SystemdNotifier.from_environ()
+    watchdog = asyncio.create_task(notifier.run_watchdog(), name="systemd-watchdog")
+
+    def on_phase(entered: sm.PhaseEntered) -> None:
+        notifier.status(status_line(entered.phase, entered.epoch))
 
     def on_ready(coordinator: Coordinator) -> None:
         if ready_file is not None:
@@ -83,23 +167,36 @@ async def _run(config: CoordinatorConfig, ready_file: Path | None) -> int:
                 )
             )
             tmp.replace(ready_file)
+        coordinator.phase_hooks.append(on_phase)
+        machine = coordinator.machine
+        notifier.ready(status_line(machine.phase, machine.epoch))
 
     task = asyncio.create_task(serve(config, on_ready))
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        notifier.stopping(f"role={ROLE} phase=stopping")
+        task.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await task
     except asyncio.CancelledError:
         log.info("stopped", extra=fields(cluster=config.cluster))
         return 0
-    except OSError as exc:
-        log.error("cannot serve", extra=fields(error=str(exc)))
+    except (OSError, aetcd.exceptions.ConnectionFailedError) as exc:
+        log.error("cannot serve", extra=fields(error=str(exc), etcd=config.etcd))
+        notifier.status(f"cannot serve: {exc}")
         return 1
     finally:
         with contextlib.suppress(Exception):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+        notifier.close()
     return 0
 
 

@@ -1,10 +1,22 @@
-"""The coordinator's configuration: one pydantic model, validated at the edge."""
+"""The coordinator's configuration: one pydantic model, validated at the edge.
+
+Values come from four layers, each overriding the one before: the model's
+defaults, a YAML file (`--config FILE`), environment variables
+(`EP_COORDINATOR_<FIELD>`, e.g. `EP_COORDINATOR_WORLD_SIZE`), and command-line
+flags given explicitly. `load_config` merges them and raises `ConfigError`
+whose lines name where a bad value came from, the field and the problem.
+"""
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
 
@@ -33,6 +45,13 @@ class CoordinatorConfig(BaseModel):
     group_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     auto_rejoin: bool = True
     fingerprint: str = Field(default="", description="expected engine fingerprint; empty: first")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("listen", "etcd")
     @classmethod
@@ -42,3 +61,118 @@ class CoordinatorConfig(BaseModel):
         if not 0 <= split_host_port(value)[1] < 65536:
             raise ValueError(f"port out of range in {value!r}")
         return value
+
+
+ENV_PREFIX = "EP_COORDINATOR_"
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; each problem is one line naming its source."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def env_var(name: str) -> str:
+    """The environment variable that overrides field `name`."""
+    return ENV_PREFIX + name.upper()
+
+
+def flag(name: str) -> str:
+    """The command-line flag that sets field `name`."""
+    return "--" + name.replace("_", "-")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The YAML file's top-level mapping (an empty file is an empty mapping)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the file: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text: {exc.reason}"]) from exc
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            [f"{path}: the top level must be a mapping of field: value, not {type(doc).__name__}"]
+        )
+    bad_keys = [key for key in doc if not isinstance(key, str)]
+    if bad_keys:
+        raise ConfigError([f"{path}: invalid key {k!r}: keys must be strings" for k in bad_keys])
+    return doc
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """Field values from `EP_COORDINATOR_<FIELD>` variables; unknown ones are errors."""
+    fields = CoordinatorConfig.model_fields
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        name = var[len(ENV_PREFIX) :].lower()
+        if name in fields:
+            values[name] = environ[var]
+        else:
+            problems.append(f"environment {var}: unknown setting{_did_you_mean(name)}")
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> tuple[CoordinatorConfig, dict[str, str]]:
+    """Merge defaults < file < environment < flags; returns the config and each
+    explicitly set field's source (the file's path, the variable or the flag)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        for key, value in read_config_file(path).items():
+            values[key] = value
+            sources[key] = str(path)
+    for key, value in env_overrides(environ or {}).items():
+        values[key] = value
+        sources[key] = f"environment {env_var(key)}"
+    for key, value in (flags or {}).items():
+        values[key] = value
+        sources[key] = flag(key)
+    try:
+        config = CoordinatorConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources, path)) from exc
+    return config, sources
+
+
+def _describe(exc: ValidationError, sources: Mapping[str, str], path: Path | None) -> list[str]:
+    problems: list[str] = []
+    for err in exc.errors():
+        name = ".".join(str(x) for x in err["loc"]) or "configuration"
+        top = str(err["loc"][0]) if err["loc"] else ""
+        if err["type"] == "extra_forbidden":
+            problem = f"unknown key{_did_you_mean(top)}"
+        elif err["type"] == "missing":
+            problem = f"missing: set it as {top}: in the file, {env_var(top)} or {flag(top)}"
+        else:
+            problem = f"{err['msg']} (got {err['input']!r})"
+        source = sources.get(top) or (str(path) if path is not None else "configuration")
+        problems.append(f"{source}: invalid {name}: {problem}")
+    return problems
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, list(CoordinatorConfig.model_fields), n=1)
+    return f"; did you mean {close[0]}?" if close else ""

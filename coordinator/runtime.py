@@ -73,6 +73,11 @@ class Coordinator:
         self._cluster_store: ClusterStore | None = None
         self._store: dist.TCPStore | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Held from an event's handling until its actions are carried out, so a
+        # reader (GetStatus) never sees a transition that is not yet persisted.
+        self.dispatch_lock = asyncio.Lock()
+        # Called with every phase entered (e.g. the systemd STATUS= line).
+        self.phase_hooks: list[Callable[[sm.PhaseEntered], None]] = []
         # Wall clock of a monotonic instant, for times other processes compare.
         self._wall_offset = time.time() - time.monotonic()
 
@@ -126,15 +131,16 @@ class Coordinator:
     async def _dispatch_loop(self) -> None:
         while True:
             event = await self._events.get()
-            try:
-                actions = self.machine.handle(event, time.monotonic())
-                records = [a.record for a in actions if isinstance(a, sm.Persist)]
-                if records:
-                    await self._persist(records[-1])
-                for action in actions:
-                    self._carry_out(action)
-            except Exception:
-                log.exception("dispatch failed", extra=fields(event=repr(event)))
+            async with self.dispatch_lock:
+                try:
+                    actions = self.machine.handle(event, time.monotonic())
+                    records = [a.record for a in actions if isinstance(a, sm.Persist)]
+                    if records:
+                        await self._persist(records[-1])
+                    for action in actions:
+                        self._carry_out(action)
+                except Exception:
+                    log.exception("dispatch failed", extra=fields(event=repr(event)))
 
     async def _watch_leases(self) -> None:
         assert self._etcd is not None
@@ -197,6 +203,11 @@ class Coordinator:
             "phase",
             extra=fields(phase=action.phase, epoch=action.epoch, op_id=action.op_id),
         )
+        for hook in self.phase_hooks:
+            try:
+                hook(action)
+            except Exception:
+                log.exception("phase hook failed", extra=fields(phase=action.phase))
 
     def _unix_ms(self, monotonic_s: float) -> float:
         return (monotonic_s + self._wall_offset) * 1000.0

@@ -242,7 +242,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ClusterStatus:
-        return status_to_proto(self.coordinator)
+        async with self.coordinator.dispatch_lock:
+            return status_to_proto(self.coordinator)
 
 
 def status_to_proto(coordinator: Coordinator) -> admin_pb2.ClusterStatus:

@@ -28,6 +28,11 @@ from enum import StrEnum
 from coordinator.plan import PlanError, ProgressSample, hold_target, next_sample, transfer_plan
 from protos.types import Placement, TransferPlan
 
+# How long before a member's broken session a peer's failed step still counts
+# as the second signal of its death. Measured: peers' collectives fail ~11 ms
+# after a SIGKILL, and their report can beat the session's close.
+STEP_FAILURE_WINDOW_S = 0.2
+
 
 class Phase(StrEnum):
     FORMING = "forming"
@@ -426,9 +431,10 @@ class RecoveryStateMachine:
         self.last_epoch = 0
         self.op_seq = 0
         self._next_command_id = 1
-        # Epoch at which some rank reported a failed step: evidence that,
-        # together with a broken session, confirms a death before the lease ends.
-        self._step_failures: set[int] = set()
+        # Ranks that reported a failed step in this epoch, and when: evidence
+        # that, together with a broken session, confirms a death before the
+        # lease ends.
+        self._step_failures: dict[int, float] = {}
         self._out: list[Action] = []
         self._now = 0.0
         self._last_record: ClusterRecord | None = None
@@ -611,8 +617,14 @@ class RecoveryStateMachine:
             # Not serving anyone: a joiner or founder that left is simply gone.
             return self._confirm_failed(ev.rank, "session closed before admission")
         if ev.rank in self.members:
-            # Only a step failure reported after this confirms it (BUG-6).
             view.suspected_at = self._now
+            # A peer's step that failed just before is the other half of the
+            # evidence: a SIGKILLed rank's peers often report within the same
+            # millisecond as its broken session. An older failure does not
+            # condemn an unrelated session blip (BUG-6).
+            recent = self._now - STEP_FAILURE_WINDOW_S
+            if any(r != ev.rank and t >= recent for r, t in self._step_failures.items()):
+                self._confirm_failed(ev.rank, "session closed and peers' collectives failed")
 
     def _on_lease_expired(self, ev: LeaseExpired) -> None:
         view = self.ranks.get(ev.rank)
@@ -630,7 +642,7 @@ class RecoveryStateMachine:
             return
         if self.op is not None and self.op.kind == OpKind.SHRINK:
             return  # the shrink's own Abort made the step fail: no evidence (BUG-6)
-        self._step_failures.add(ev.rank)
+        self._step_failures[ev.rank] = self._now
         for rank in self.members:
             view = self.ranks.get(rank)
             if view and view.suspected_at is not None and not view.failed:
@@ -910,7 +922,7 @@ class RecoveryStateMachine:
         reply = ev.reply
         if isinstance(reply, CommandFailed):
             # Evidence, not a verdict: the culprit is usually a peer that died.
-            self._step_failures.add(ev.rank)
+            self._step_failures[ev.rank] = self._now
             # Nothing else will arrive for this step: roll back (BUG-5).
             self._abandon(f"rank {ev.rank} failed {op.step}: {reply.message}")
             return

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import bench.cli
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a coordinator's view of its cluster")
     status.add_argument("--endpoint", default="127.0.0.1:50051", help="coordinator host:port")
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    bench.cli.add_parser(sub)
     return parser
 
 
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "bench":
+        return bench.cli.run(args)
     return _status(args)
 
 

@@ -28,7 +28,12 @@ from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from protos.types import Placement
 from worker_agent.adapter import GroupSpec, StepAborted
 from worker_agent.agent import AgentConfig, AgentStopped, WorkerAgent
-from worker_agent.groups import CollectiveFailed, build_gloo_group, wait_work
+from worker_agent.groups import (
+    CollectiveFailed,
+    build_gloo_group,
+    release_in_background,
+    wait_work,
+)
 
 SLOTS_PER_RANK = 2
 LAYERS = 2
@@ -94,7 +99,10 @@ class RecordingAdapter:
 
     def rebuild_groups(self, spec: GroupSpec) -> None:
         self.calls.append(("rebuild", spec.epoch, spec.store_prefix, spec.members))
-        self.group = build_gloo_group(spec, self.rank, "ring", lambda: False)
+        release_in_background(self, "group")
+        self.group = build_gloo_group(
+            spec, self.rank, "ring", lambda: self.aborted_through >= spec.epoch
+        )
         self.group_epoch = spec.epoch
 
     def expert_tensors(self, layer: int, slot: int) -> Sequence[torch.Tensor]:
@@ -180,8 +188,12 @@ class ThreadRank:
 
     def stop(self) -> None:
         self.stop_event.set()
+        # The engine shuts down too: a step blocked on a departed peer gives up.
+        self.adapter.aborted_through = sys.maxsize
         self.agent.stop()
         self._thread.join(timeout=20)
+        if self._thread.is_alive():
+            raise AssertionError(f"rank {self.adapter.rank}'s engine thread did not stop")
         if self.error is not None:
             raise self.error
 
@@ -227,7 +239,11 @@ class CoordinatorProcess:
 def thread_cluster(
     tmp_path: Path, etcd: str, cluster: str, world_size: int, *coordinator_args: str
 ) -> Iterator[tuple[CoordinatorProcess, dict[int, ThreadRank]]]:
-    coord = CoordinatorProcess(tmp_path, cluster, world_size, etcd, *coordinator_args)
+    # A work pending on a departed peer keeps its group's destructor waiting for
+    # the group timeout; a short one keeps such waits (and the tests) short.
+    coord = CoordinatorProcess(
+        tmp_path, cluster, world_size, etcd, "--group-timeout-s", "5", *coordinator_args
+    )
     ranks: dict[int, ThreadRank] = {}
     try:
         for rank in range(world_size):
@@ -235,7 +251,16 @@ def thread_cluster(
         wait_until(lambda: coord.phase() == "steady", 30, "the cluster to form")
         yield coord, ranks
     finally:
-        for r in list(ranks.values()):
-            with contextlib.suppress(BaseException):
-                r.stop()
+        # Stopped together, as a cluster shut down is: one at a time, each stop
+        # would start a shrink among the rest.
+        stoppers = [threading.Thread(target=_stop_quietly, args=(r,)) for r in ranks.values()]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
         coord.stop()
+
+
+def _stop_quietly(rank: ThreadRank) -> None:
+    with contextlib.suppress(BaseException):
+        rank.stop()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import queue
 import sys
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -168,3 +170,89 @@ def test_bad_registrations_are_refused_and_change_nothing(
             q.put(None)
             channel.close()  # type: ignore[attr-defined]
         assert _status_key(coord) == before
+
+
+def test_foreign_joiner_and_stale_ack_are_refused_and_change_nothing(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    with thread_cluster(tmp_path, etcd, cluster_name, WORLD, "--no-auto-rejoin") as (coord, ranks):
+        ranks.pop(3).stop()
+        wait_until(lambda: coord.phase() == "degraded", 30, "the cluster to shrink without 3")
+        before = _status_key(coord)
+
+        # A joiner built from another engine or model: refused at the door.
+        channel, responses, q = _raw_session(  # type: ignore[misc]
+            coord.endpoint, _hello(cluster_name, 3, rejoin=True, fingerprint="other-engine")
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            next(responses)  # type: ignore[call-overload]
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+        assert "other-engine" in info.value.details()
+        q.put(None)
+        channel.close()  # type: ignore[attr-defined]
+        assert _status_key(coord) == before
+
+        # A matching joiner whose ack names an old epoch and operation: refused in
+        # band (the session stays), and the cluster does not move.
+        channel, responses, q = _raw_session(  # type: ignore[misc]
+            coord.endpoint, _hello(cluster_name, 3, rejoin=True)
+        )
+        try:
+            assert next(responses).HasField("welcome")  # type: ignore[call-overload]
+            before = _status_key(coord)
+            q.put(
+                worker_pb2.WorkerMessage(
+                    ack=worker_pb2.Ack(
+                        epoch=1, op_id="old-op", command_id=1, held=worker_pb2.Held(iteration=5)
+                    )
+                )
+            )
+            refusal = next(responses)  # type: ignore[call-overload]
+            assert refusal.HasField("refusal"), refusal
+            assert refusal.refusal.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+            assert "old-op" in refusal.refusal.message and "epoch 1" in refusal.refusal.message
+            assert _status_key(coord) == before
+        finally:
+            q.put(None)
+            channel.close()  # type: ignore[attr-defined]
+
+
+def test_survivors_past_the_target_are_retargeted_to_one_cut(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    # Rank 0's first hold order arrives 0.3 s late (a stalled agent thread, a
+    # slow link): by then it has run past the target and sits in the next
+    # step's collective, waiting for peers that hold at the target. The seed's
+    # ranks deadlocked here; ours report PastTarget and are retargeted.
+    with thread_cluster(tmp_path, etcd, cluster_name, WORLD) as (coord, ranks):
+        late = ranks[0].agent
+        on_hold = late._on_hold
+        delayed: list[int] = []
+
+        def late_on_hold(order: Any) -> None:
+            if not delayed:
+                delayed.append(order.command.hold.iteration)
+                time.sleep(0.3)
+            on_hold(order)
+
+        late._on_hold = late_on_hold  # type: ignore[method-assign]
+        _rejoin(coord, ranks, 2, etcd, cluster_name)
+        assert delayed, "no hold order reached rank 0"
+        grow = [op for op in coord.status().operations if op.kind == "grow"]
+        assert [op.outcome for op in grow] == ["completed"]
+        assert grow[0].retargets >= 1
+        # One cut: every rank resumed the new epoch from the same iteration,
+        # past the first target.
+        resets = {
+            rank: next(c for c in reversed(r.adapter.calls) if c[0] == "reset")
+            for rank, r in ranks.items()
+        }
+        assert len({(c[1], c[2]) for c in resets.values()}) == 1, resets
+        assert resets[0][2] > delayed[0]
+        # And they serve again, in lockstep, on the new groups.
+        start = {rank: r.adapter.iteration for rank, r in ranks.items()}
+        wait_until(
+            lambda: all(r.adapter.iteration >= start[k] + 20 for k, r in ranks.items()),
+            30,
+            "20 more iterations on every rank",
+        )

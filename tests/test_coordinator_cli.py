@@ -15,6 +15,8 @@ import pytest
         (["--cluster", "bad name!", "--world-size", "4"], "cluster"),
         (["--cluster", "c", "--world-size", "4", "--etcd", "nohostport"], "etcd"),
         (["--cluster", "c", "--world-size", "4", "--listen", "h:99999"], "listen"),
+        (["--cluster", "c", "--world-size", "4", "--log-level", "loud"], "log_level"),
+        ([], "cluster"),
     ],
 )
 def test_bad_config_exits_2_naming_the_field(args: list[str], field: str) -> None:

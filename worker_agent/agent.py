@@ -39,7 +39,7 @@ from coordinator.logs import fields
 from protos.ep_recovery.v1 import worker_pb2, worker_pb2_grpc
 from protos.types import Placement, TransferPlan
 from worker_agent.adapter import EngineAdapter, GroupSpec, StepAborted
-from worker_agent.groups import build_gloo_group
+from worker_agent.groups import build_gloo_group, release_in_background
 from worker_agent.lease import RankLease
 from worker_agent.resync import execute_resync
 
@@ -233,6 +233,7 @@ class WorkerAgent:
                     timeout_s=g.timeout_ms / 1000.0,
                 )
                 started = time.perf_counter()
+                release_in_background(self, "_group")
                 self._group = build_gloo_group(
                     spec, self.config.rank, "agent", superseded, self.config.group_hostname
                 )
@@ -287,7 +288,7 @@ class WorkerAgent:
                 return True
             case "retry":
                 log.warning("admission rolled back", extra=fields(reason=cmd.retry.reason))
-                self._group = None
+                release_in_background(self, "_group")
                 self._send(worker_pb2.WorkerMessage(ready=worker_pb2.JoinerReady(epoch=self.epoch)))
             case "hold":
                 pass  # the agent thread handles hold orders
@@ -482,14 +483,20 @@ class WorkerAgent:
 
 @dataclass(frozen=True)
 class _Superseded:
-    """True once a command newer than `command_id` arrived: the coordinator has
-    moved on (abandoned the operation), so a blocking step gives up."""
+    """True once a command newer than `command_id` arrived (the coordinator has
+    moved on, abandoning the operation) or the agent is stopping: a blocking
+    step gives up."""
 
     agent: WorkerAgent
     command_id: int
 
     def __call__(self) -> bool:
-        return self.agent._last_command_id > self.command_id or self.agent._fatal is not None
+        agent = self.agent
+        return (
+            agent._last_command_id > self.command_id
+            or agent._fatal is not None
+            or agent._stopping.is_set()
+        )
 
 
 __all__ = ["AgentConfig", "AgentStopped", "RegistrationRefused", "StepAborted", "WorkerAgent"]

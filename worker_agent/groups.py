@@ -105,3 +105,17 @@ def wait_p2p(works: list[dist.Work], aborted: Callable[[], bool]) -> None:
             raise StepAborted("point-to-point transfer aborted")
     if failure:
         raise CollectiveFailed(str(failure[0])) from failure[0]
+
+
+def release_in_background(owner: object, attribute: str) -> None:
+    """Set `owner.attribute` to None and drop the group it held on a helper thread.
+
+    Destroying a gloo group with a work still pending on a dead peer blocks
+    until the group timeout (measured: 30 s); the engine must not wait for it.
+    The group moves straight from the attribute into the helper, so no frame
+    here keeps it alive; the owner must hold no other reference.
+    """
+    holder = [getattr(owner, attribute)]
+    setattr(owner, attribute, None)
+    if holder[0] is not None:
+        threading.Thread(target=holder.clear, name="group-release", daemon=True).start()

@@ -1,0 +1,85 @@
+"""`epctl bench`: the report's shape and a bad name's exit code.
+
+These run the quick benchmarks for real and check that every figure is a
+positive number; how large the figures are is for BENCHMARKS.md, not for tests
+that share a machine with other work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _epctl(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    # Its own TMPDIR: whatever the bench writes stays under the test's tmp_path.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "epctl.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _report(result: subprocess.CompletedProcess[str], name: str) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["bench"] == name
+    machine = report["machine"]
+    assert machine["cores"] >= 1
+    assert isinstance(machine["python"], str)
+    assert isinstance(machine["torch"], str)
+    assert report["results"], "no records"
+    for record in report["results"]:
+        assert all(not isinstance(v, dict | list) for v in record.values()), "records are flat"
+    return report
+
+
+def _positive(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def test_hook_quick_json(tmp_path: Path) -> None:
+    report = _report(_epctl(tmp_path, "bench", "hook", "--quick", "--json"), "hook")
+    methods = {r["method"]: r for r in report["results"]}
+    assert {"agent_hook_idle", "tensor_item", "allreduce_gloo_2proc"} <= set(methods)
+    for record in methods.values():
+        for key in ("ns_per_call_p50", "ns_per_call_mean", "calls_per_batch", "batches"):
+            assert _positive(record[key]), (record["method"], key, record[key])
+
+
+def test_resync_quick_json(tmp_path: Path) -> None:
+    report = _report(_epctl(tmp_path, "bench", "resync", "--quick", "--json"), "resync")
+    seen = {(r["method"], r["size_bytes"]) for r in report["results"]}
+    for size in (1 << 20, 64 << 20):
+        assert ("execute_resync", size) in seen
+        assert ("tcp_socket", size) in seen
+    for record in report["results"]:
+        for key in ("bytes_per_s_p50", "bytes_per_s_max", "of_bound_p50", "repeats"):
+            assert _positive(record[key]), (record["method"], key, record[key])
+
+
+@pytest.mark.parametrize("name", ["nope", "HOOK"])
+def test_bad_name_exits_2_naming_the_valid_ones(tmp_path: Path, name: str) -> None:
+    result = _epctl(tmp_path, "bench", name, timeout=60)
+    assert result.returncode == 2
+    for valid in ("hook", "detect", "resync"):
+        assert valid in result.stderr

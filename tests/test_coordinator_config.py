@@ -1,0 +1,206 @@
+"""The configuration file, `check-config`, and the precedence of its layers.
+
+Every test runs the real `python -m coordinator` process: check-config, or the
+daemon itself against the session's real etcd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from coordinator.config import CoordinatorConfig
+from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "deploy" / "examples" / "coordinator.yaml"
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without EP_COORDINATOR_* or systemd variables."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("EP_COORDINATOR_")
+        and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    }
+    env.update(overrides)
+    return env
+
+
+def coordinator(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env() if env is None else env,
+        cwd=ROOT,
+    )
+
+
+def test_example_file_is_valid_and_documents_every_field() -> None:
+    result = coordinator("check-config", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert set(printed) == set(CoordinatorConfig.model_fields)
+    CoordinatorConfig(**printed)  # what it prints is itself a valid configuration
+
+    lines = EXAMPLE.read_text().splitlines()
+    example = yaml.safe_load(EXAMPLE.read_text())
+    assert set(example) == set(CoordinatorConfig.model_fields), "every field, no other key"
+    for name in example:
+        index = next(i for i, line in enumerate(lines) if line.startswith(f"{name}:"))
+        assert lines[index - 1].startswith("#"), f"{name} has no comment above it"
+
+
+def test_check_config_json_output(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster: c1\nworld_size: 4\nauto_rejoin: no\n")
+    result = coordinator("check-config", str(path), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["cluster"] == "c1"
+    assert doc["world_size"] == 4
+    assert doc["auto_rejoin"] is False
+    assert doc["listen"] == CoordinatorConfig.model_fields["listen"].default
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("cluster: c\nworld_size: 0\n", ["invalid world_size", "greater than or equal to 1"]),
+        ("cluster: c\nworld_size: 4\netcd: nohostport\n", ["invalid etcd", "host:port"]),
+        ("cluster: c\nworld_size: 4\nwrld_size: 4\n", ["invalid wrld_size", "unknown key"]),
+        ("cluster: c\nworld_size: 4\nlog_format: xml\n", ["invalid log_format"]),
+        ("cluster: [c\nworld_size: 4\n", ["not valid YAML", "line"]),
+        ("- cluster: c\n- world_size: 4\n", ["top level must be a mapping", "list"]),
+        ("just a string\n", ["top level must be a mapping", "str"]),
+        ("cluster: c\n", ["invalid world_size", "missing"]),
+    ],
+    ids=[
+        "bad-value",
+        "bad-endpoint",
+        "unknown-key",
+        "bad-choice",
+        "bad-yaml",
+        "list-top",
+        "scalar-top",
+        "missing-field",
+    ],
+)
+def test_check_config_refuses_bad_input(tmp_path: Path, content: str, expected: list[str]) -> None:
+    path = tmp_path / "coordinator.yaml"
+    path.write_text(content)
+    result = coordinator("check-config", str(path))
+    assert result.returncode == 2, result.stdout
+    assert str(path) in result.stderr
+    for text in expected:
+        assert text in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    result = coordinator("check-config", str(path))
+    assert result.returncode == 2
+    assert str(path) in result.stderr
+    assert "No such file" in result.stderr
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster: c1\nworld_size: 4\n")
+    env = clean_env(EP_COORDINATOR_WORLD_SIZE="7", EP_COORDINATOR_LOG_LEVEL="debug")
+    result = coordinator("check-config", str(path), "--format", "json", env=env)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["world_size"] == 7
+    assert doc["log_level"] == "DEBUG"
+    assert doc["cluster"] == "c1"
+
+
+def test_bad_or_unknown_environment_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster: c1\nworld_size: 4\n")
+    bad = coordinator("check-config", str(path), env=clean_env(EP_COORDINATOR_WORLD_SIZE="x"))
+    assert bad.returncode == 2
+    assert "EP_COORDINATOR_WORLD_SIZE" in bad.stderr
+    assert "invalid world_size" in bad.stderr
+    unknown = coordinator("check-config", str(path), env=clean_env(EP_COORDINATOR_WORLDSIZE="4"))
+    assert unknown.returncode == 2
+    assert "EP_COORDINATOR_WORLDSIZE" in unknown.stderr
+    assert "world_size" in unknown.stderr
+
+
+def test_flag_overrides_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster: c1\nworld_size: 4\n")
+    # A bad flag over a good environment value: the flag is what is used, and refused.
+    env = clean_env(EP_COORDINATOR_WORLD_SIZE="4")
+    result = coordinator("--config", str(path), "--world-size", "0", env=env)
+    assert result.returncode == 2
+    assert "--world-size" in result.stderr
+    assert "invalid world_size" in result.stderr
+
+
+@contextlib.contextmanager
+def running(args: list[str], env: dict[str, str], ready: Path) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the coordinator did not get ready in 30 s"
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            raise AssertionError(f"coordinator exited {proc.returncode}: {proc.communicate()[0]}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_daemon_runs_with_all_layers(tmp_path: Path, etcd: str, cluster_name: str) -> None:
+    """File < environment < flag in the run mode, checked on the serving daemon."""
+    path = tmp_path / "coordinator.yaml"
+    # Nothing listens on port 1: the daemon serves only if the environment's etcd won.
+    path.write_text(
+        f"cluster: {cluster_name}\nworld_size: 2\netcd: '127.0.0.1:1'\nlisten: '127.0.0.1:0'\n"
+    )
+    ready = tmp_path / "ready.json"
+    env = clean_env(EP_COORDINATOR_ETCD=etcd, EP_COORDINATOR_WORLD_SIZE="0")
+    args = ["--config", str(path), "--world-size", "3", "--ready-file", str(ready)]
+    with running(args, env, ready):
+        port = json.loads(ready.read_text())["listen_port"]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            status = admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+        assert status.cluster == cluster_name
+        assert status.world_size == 3
