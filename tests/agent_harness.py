@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -200,6 +201,7 @@ class ThreadRank:
 
 class CoordinatorProcess:
     def __init__(self, workdir: Path, cluster: str, world_size: int, etcd: str, *extra: str):
+        self.proxies: dict[int, TcpProxy] = {}
         self.ready_file = workdir / f"{cluster}-coordinator.json"
         self.log = (workdir / f"{cluster}-coordinator.log").open("w")
         argv = [
@@ -235,10 +237,66 @@ class CoordinatorProcess:
         self.log.close()
 
 
+class TcpProxy:
+    """A loopback TCP forwarder whose connections a test can cut, as a network
+    blip does: the peers see a reset, new connections go through again."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self.accepted = 0
+        threading.Thread(target=self._accept, name="proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._open += [client, upstream]
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            conns, self._open = self._open, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.cut()
+
+
 @contextlib.contextmanager
 def thread_cluster(
-    tmp_path: Path, etcd: str, cluster: str, world_size: int, *coordinator_args: str
+    tmp_path: Path,
+    etcd: str,
+    cluster: str,
+    world_size: int,
+    *coordinator_args: str,
+    proxied: tuple[int, ...] = (),
 ) -> Iterator[tuple[CoordinatorProcess, dict[int, ThreadRank]]]:
+    """A coordinator process and `world_size` thread ranks; the `proxied` ranks
+    reach the coordinator through a TcpProxy, found in `coord.proxies`."""
     # A work pending on a departed peer keeps its group's destructor waiting for
     # the group timeout; a short one keeps such waits (and the tests) short.
     coord = CoordinatorProcess(
@@ -247,7 +305,11 @@ def thread_cluster(
     ranks: dict[int, ThreadRank] = {}
     try:
         for rank in range(world_size):
-            ranks[rank] = ThreadRank(rank, world_size, coord.endpoint, etcd, cluster).start()
+            endpoint = coord.endpoint
+            if rank in proxied:
+                coord.proxies[rank] = TcpProxy(coord.endpoint)
+                endpoint = coord.proxies[rank].endpoint
+            ranks[rank] = ThreadRank(rank, world_size, endpoint, etcd, cluster).start()
         wait_until(lambda: coord.phase() == "steady", 30, "the cluster to form")
         yield coord, ranks
     finally:
@@ -258,6 +320,8 @@ def thread_cluster(
             t.start()
         for t in stoppers:
             t.join()
+        for proxy in coord.proxies.values():
+            proxy.close()
         coord.stop()
 
 

@@ -256,3 +256,27 @@ def test_survivors_past_the_target_are_retargeted_to_one_cut(
             30,
             "20 more iterations on every rank",
         )
+
+
+def test_a_session_blip_reattaches_the_rank_without_a_recovery(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    # Rank 1's connection to the coordinator is cut (a network blip); its
+    # process and lease live. It reconnects on its own and stays a member: the
+    # broken session alone was only a suspicion.
+    with thread_cluster(tmp_path, etcd, cluster_name, WORLD, proxied=(1,)) as (coord, ranks):
+        proxy = coord.proxies[1]
+        before = _status_key(coord)
+        for _ in range(2):
+            accepted = proxy.accepted
+            proxy.cut()
+            wait_until(lambda a=accepted: proxy.accepted > a, 10, "rank 1 to reconnect")
+            start = {rank: r.adapter.iteration for rank, r in ranks.items()}
+            wait_until(
+                lambda s=start: all(r.adapter.iteration >= s[k] + 20 for k, r in ranks.items()),
+                30,
+                "20 more iterations on every rank",
+            )
+        assert _status_key(coord) == before
+        assert coord.phase() == "steady"
+        assert not coord.status().failures

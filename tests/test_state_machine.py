@@ -103,6 +103,11 @@ def ring_placement(n: int, spr: int = 2, layers: int = 2, version: int = 1) -> P
     )
 
 
+def full_placement(n: int, spr: int = 2, layers: int = 1) -> Placement:
+    """Every rank holds every expert: any single member can serve a joiner."""
+    return Placement(1, spr, tuple(tuple(range(spr)) * n for _ in range(layers)))
+
+
 def stale_placement(n: int) -> Placement:
     """What a relaunched joiner may believe: an old version, another layout. The
     coordinator must never use it."""
@@ -116,6 +121,11 @@ def of_type(actions: Iterable[object], kind: type[T]) -> list[T]:
 def sent(actions: Iterable[object], kind: type[Any] | None = None) -> list[Send]:
     """The Send actions, optionally only those carrying a `kind` command."""
     return [a for a in of_type(actions, Send) if kind is None or isinstance(a.command, kind)]
+
+
+def restamp(event: Event, session: str) -> Event:
+    """The same message, sent on another session."""
+    return replace(event, session=session)  # type: ignore[arg-type]
 
 
 def stack_depth() -> int:
@@ -908,6 +918,8 @@ class ClusterSim(RuleBasedStateMachine):
         random part begins in the middle of a grow)."""
         self.n = n
         self.placement = ring_placement(n, spr, layers)
+        if self.FULL_REPLICATION:
+            self.placement = full_placement(n, spr, layers)
         self.machine = RecoveryStateMachine(CLUSTER, n)
         self.now = 0.0
         self.gen = 0
@@ -1395,6 +1407,34 @@ class ClusterSim(RuleBasedStateMachine):
 
     # --- rules: faults -----------------------------------------------------------------
 
+    RECONNECTS = False
+    FULL_REPLICATION = False
+
+    @precondition(lambda self: self.RECONNECTS)
+    @rule(i=st.integers(0, 10**6))
+    def reconnect(self, i: int) -> None:
+        """The session breaks but the process lives (a network blip): the agent
+        reconnects with the same incarnation and lease. Commands in flight to
+        the old session are lost; its unsent messages go out on the new one."""
+        live = [p for p in self.procs.values() if p.alive and p.welcomed]
+        if not live:
+            return
+        p = live[i % len(live)]
+        old = p.session
+        self.gen += 1
+        p.session = f"s{p.rank}.{self.gen}"
+        self.by_session[p.session] = p
+        carried = [restamp(ev, p.session) for ev in self.up[old]]
+        self.up[old].clear()
+        self.up[old].append(SessionClosed(p.rank, old))
+        self.down[old].clear()
+        placement = stale_placement(self.n) if p.rejoin else self.placement
+        hello = RankRegistered(
+            p.rank, p.session, CLUSTER, p.incarnation, p.lease_id, FP, p.rejoin, placement
+        )
+        self.up[p.session] = deque([hello, *carried])
+        self.down[p.session] = deque()
+
     @rule(i=st.integers(0, 10**6), drop=st.booleans())
     def kill(self, i: int, drop: bool) -> None:
         """A process dies. Never the last holder of an expert: no peer could
@@ -1569,9 +1609,27 @@ class ClusterSim(RuleBasedStateMachine):
             assert p.group == {r: self.procs[r].incarnation for r in range(self.n)}
 
 
-def test_simulated_cluster_keeps_the_invariants_and_converges() -> None:
+class BlippingClusterSim(ClusterSim):
+    """The same cluster, plus session blips: a live process loses its session
+    and reconnects with the same incarnation (the `_reattach` path).
+
+    Its agent does what worker_agent/agent.py does: it carries out a command
+    once (the copy re-sent on reconnect is skipped), announces readiness again
+    whenever it is welcomed as a joiner, and exits when a reconnect is refused
+    (a supervisor relaunches it).
+
+    Every rank holds every expert here: a blip can still get a live member
+    evicted (BUG-6), and with fewer replicas that eviction can take the last
+    copy of an expert out of the cluster, which no grow can bring back.
+    """
+
+    RECONNECTS = True
+    FULL_REPLICATION = True
+
+
+def run_simulation(sim: type[ClusterSim]) -> None:
     run_state_machine_as_test(
-        ClusterSim,
+        sim,
         settings=settings(
             max_examples=SIM_EXAMPLES,
             stateful_step_count=SIM_STEPS,
@@ -1587,3 +1645,11 @@ def test_simulated_cluster_keeps_the_invariants_and_converges() -> None:
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )
+
+
+def test_simulated_cluster_keeps_the_invariants_and_converges() -> None:
+    run_simulation(ClusterSim)
+
+
+def test_simulated_cluster_with_session_blips_keeps_the_invariants_and_converges() -> None:
+    run_simulation(BlippingClusterSim)

@@ -111,6 +111,11 @@ class WorkerAgent:
         self._admitted = False
         self._inbox: queue.Queue[_Order | object] = queue.Queue()
         self._last_command_id = 0
+        # The last ack sent: a command re-sent after a reconnect (its ack was
+        # lost with the old session) is answered again, never run twice.
+        self._last_ack: tuple[int, worker_pb2.WorkerMessage] | None = None
+        self._last_command_key: tuple[str, int] | None = None
+        self._ready_announced = False
         self._group: dist.ProcessGroup | None = None
         self._members: tuple[int, ...] = ()
         self._progress_interval_s = 0.05
@@ -174,9 +179,10 @@ class WorkerAgent:
     # --- held: the engine's thread executes commands -----------------------------
 
     def _on_target(self, iteration: int) -> None:
+        self._check_alive()
         if not self._admitted:
             if self.config.rejoin:
-                self._send(worker_pb2.WorkerMessage(ready=worker_pb2.JoinerReady(epoch=self.epoch)))
+                self._announce_ready()
             self._serve(iteration, time.perf_counter(), failed=False)
             return
         with self._hold_lock:
@@ -289,7 +295,7 @@ class WorkerAgent:
             case "retry":
                 log.warning("admission rolled back", extra=fields(reason=cmd.retry.reason))
                 release_in_background(self, "_group")
-                self._send(worker_pb2.WorkerMessage(ready=worker_pb2.JoinerReady(epoch=self.epoch)))
+                self._announce_ready()
             case "hold":
                 pass  # the agent thread handles hold orders
         return False
@@ -307,7 +313,20 @@ class WorkerAgent:
         ack = worker_pb2.Ack(epoch=order.epoch, op_id=order.op_id, command_id=order.command_id)
         for name, value in body.items():
             getattr(ack, name).CopyFrom(value)
-        self._send(worker_pb2.WorkerMessage(ack=ack))
+        message = worker_pb2.WorkerMessage(ack=ack)
+        self._last_ack = (order.command_id, message)
+        self._send(message)
+
+    def _announce_ready(self) -> None:
+        self._ready_announced = True
+        self._send(worker_pb2.WorkerMessage(ready=worker_pb2.JoinerReady(epoch=self.epoch)))
+
+    def _die(self, reason: str) -> None:
+        """The agent can no longer speak for this rank: the engine's next
+        boundary (or wait) raises AgentStopped, and its supervisor relaunches it."""
+        self._fatal = self._fatal or reason
+        self._hold_at = ALWAYS
+        self._inbox.put(_WAKE)
 
     def _send(self, message: worker_pb2.WorkerMessage) -> None:
         loop, outbox = self._loop, self._outbox
@@ -363,9 +382,15 @@ class WorkerAgent:
                     session.result()
                     attempt = 0
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() in REFUSAL_CODES and not self._welcomed.is_set():
-                        self._start_error = RegistrationRefused(exc.code(), exc.details() or "")
-                        self._welcomed.set()
+                    if exc.code() in REFUSAL_CODES:
+                        refused = RegistrationRefused(exc.code(), exc.details() or "")
+                        if not self._welcomed.is_set():
+                            self._start_error = refused
+                            self._welcomed.set()
+                        else:
+                            # The coordinator has replaced or removed this rank.
+                            log.error("reconnect refused", extra=fields(rank=self.config.rank))
+                            self._die(f"coordinator refused the reconnect: {refused}")
                         break
                     log.warning(
                         "session lost, reconnecting",
@@ -380,9 +405,8 @@ class WorkerAgent:
                 await lease.stop()
 
     def _on_lease_lost(self) -> None:
-        self._fatal = "etcd lease lost: the coordinator will remove this rank"
         log.error("lease lost", extra=fields(rank=self.config.rank))
-        self._inbox.put(_WAKE)
+        self._die("etcd lease lost: the coordinator will remove this rank")
 
     async def _session(self, lease_id: int) -> None:
         assert self._outbox is not None
@@ -413,6 +437,10 @@ class WorkerAgent:
                 ),
             )
             self._welcomed.set()
+            if first.welcome.role == worker_pb2.ROLE_JOINER and self._ready_announced:
+                # Welcomed again after a reconnect: the coordinator forgot the
+                # readiness this joiner announced on the old session.
+                self._announce_ready()
             writer = asyncio.create_task(self._write(call))
             progress = asyncio.create_task(self._report_progress())
             try:
@@ -457,7 +485,16 @@ class WorkerAgent:
             await asyncio.sleep(self._progress_interval_s)
 
     def _on_command(self, cmd: worker_pb2.Command) -> None:
+        key = (cmd.op_id, cmd.command_id)
+        if key == self._last_command_key:
+            # Re-sent after a reconnect: answer again if it was done, else the
+            # ack follows when it is.
+            last = self._last_ack
+            if last is not None and last[0] == cmd.command_id:
+                self._send(last[1])
+            return
         order = _Order(cmd.epoch, cmd.op_id, cmd.command_id, cmd)
+        self._last_command_key = key
         self._last_command_id = max(self._last_command_id, cmd.command_id)
         kind = cmd.WhichOneof("body")
         if kind == "hold":
