@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help=f"gRPC host:port, port 0 picks a free one {_default('listen')}")
     p.add_argument("--etcd", help=f"etcd client endpoint host:port {_default('etcd')}")
     p.add_argument(
+        "--metrics-listen",
+        help="serve Prometheus /metrics on host:port, port 0 picks a free one "
+        "(default: not served)",
+    )
+    p.add_argument(
         "--store-host", help=f"address ranks reach the store on {_default('store_host')}"
     )
     p.add_argument("--store-port", type=int, help="rendezvous store port (default: 0, free)")
@@ -75,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="admit relaunched ranks (default: yes)",
     )
     p.add_argument("--fingerprint", help="expected engine fingerprint (default: the first seen)")
-    p.add_argument("--ready-file", type=Path, help="write {pid, listen_port, store_port} here")
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        help="write {pid, listen_port, store_port, metrics_port} here (metrics_port 0: off)",
+    )
     p.add_argument("--log-level", help=_default("log_level"))
     p.add_argument("--log-format", choices=("text", "json"), help=_default("log_format"))
     return p
@@ -163,6 +172,7 @@ async def _run(config: CoordinatorConfig, ready_file: Path | None) -> int:
                         "pid": os.getpid(),
                         "listen_port": coordinator.listen_port,
                         "store_port": coordinator.store_port,
+                        "metrics_port": coordinator.metrics_port,
                     }
                 )
             )

@@ -13,10 +13,12 @@ import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from coordinator.state_machine import Phase
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
 
@@ -33,6 +35,9 @@ class CoordinatorConfig(BaseModel):
     world_size: int = Field(ge=1, le=65536, description="number of rank slots in the cluster")
     listen: str = Field(default="127.0.0.1:50051", description="gRPC address (host:port)")
     etcd: str = Field(default="127.0.0.1:2379", description="etcd client endpoint (host:port)")
+    metrics_listen: str = Field(
+        default="", description="Prometheus /metrics address (host:port); empty: not served"
+    )
     store_host: str = Field(
         default="127.0.0.1",
         description="address ranks use to reach the rendezvous store this daemon hosts",
@@ -45,6 +50,10 @@ class CoordinatorConfig(BaseModel):
     group_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     auto_rejoin: bool = True
     fingerprint: str = Field(default="", description="expected engine fingerprint; empty: first")
+    phase_deadlines_s: dict[Phase, Annotated[float, Field(gt=0)] | None] = Field(
+        default_factory=dict,
+        description="per-phase limits overriding the defaults; null: no limit",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -61,6 +70,11 @@ class CoordinatorConfig(BaseModel):
         if not 0 <= split_host_port(value)[1] < 65536:
             raise ValueError(f"port out of range in {value!r}")
         return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _optional_host_port(cls, value: str) -> str:
+        return cls._host_port(value) if value else value
 
 
 ENV_PREFIX = "EP_COORDINATOR_"

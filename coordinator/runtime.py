@@ -24,11 +24,16 @@ from coordinator.cluster_store import ClusterStore
 from coordinator.config import CoordinatorConfig, split_host_port
 from coordinator.logs import fields
 from coordinator.membership import LeaseWatcher
-from coordinator.services import SessionChannel, add_services
+from coordinator.metrics import CoordinatorMetrics, bound_port, start_metrics_server
+from coordinator.services import SessionChannel, add_services, set_serving
 
 log = logging.getLogger(__name__)
 
 HISTORY = 256
+# How often phase deadlines are checked: their resolution.
+TICK_S = 0.25
+# How long a scrape waits for the transition being carried out (see render_metrics).
+METRICS_LOCK_WAIT_S = 1.0
 
 
 @dataclass
@@ -63,11 +68,14 @@ class Coordinator:
             fingerprint=config.fingerprint,
             auto_rejoin=config.auto_rejoin,
             hold_lead_s=config.hold_lead_s,
+            deadlines_s=config.phase_deadlines_s,
         )
         self.history = History()
         self.sessions: dict[str, SessionChannel] = {}
         self.store_port = 0
         self.listen_port = 0
+        self.metrics_port = 0  # 0 while metrics are not served
+        self.metrics = CoordinatorMetrics()
         self._events: asyncio.Queue[sm.Event] = asyncio.Queue()
         self._etcd: aetcd.Client | None = None
         self._cluster_store: ClusterStore | None = None
@@ -101,6 +109,7 @@ class Coordinator:
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self._watch_leases(), name="lease-watch"),
+            asyncio.create_task(self._tick(), name="deadlines"),
         ]
         log.info(
             "coordinator started",
@@ -142,6 +151,12 @@ class Coordinator:
                 except Exception:
                     log.exception("dispatch failed", extra=fields(event=repr(event)))
 
+    async def _tick(self) -> None:
+        """Let the state machine check its phase deadlines."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.submit(sm.Tick())
+
     async def _watch_leases(self) -> None:
         assert self._etcd is not None
         watcher = LeaseWatcher(self._etcd, self.config.cluster)
@@ -162,6 +177,8 @@ class Coordinator:
     def _carry_out(self, action: sm.Action) -> None:
         match action:
             case sm.Accept(session=session) | sm.Send(session=session) | sm.Refuse(session=session):
+                if isinstance(action, sm.Refuse):
+                    self.metrics.observe_refused(action.code)
                 channel = self.sessions.get(session)
                 if channel is not None:
                     channel.outbox.put_nowait(action)
@@ -172,6 +189,7 @@ class Coordinator:
                     self._unix_ms(action.suspected_at) if action.suspected_at is not None else 0.0
                 )
                 self.history.failures.append((action, suspected, self._unix_ms(action.at)))
+                self.metrics.observe_failure(action)
                 log.warning(
                     "rank failed",
                     extra=fields(rank=action.rank, reason=action.reason, epoch=self.machine.epoch),
@@ -180,6 +198,7 @@ class Coordinator:
                 now = self._unix_ms(time.monotonic())
                 start = self.history.op_started_unix_ms.pop(action.op_id, now)
                 self.history.operations.append((action, start, now))
+                self.metrics.observe_operation(action)
                 log.info(
                     "operation ended",
                     extra=fields(
@@ -195,7 +214,9 @@ class Coordinator:
     def _record_phase(self, action: sm.PhaseEntered) -> None:
         at = self._unix_ms(action.at)
         if self.history.timeline:
-            self.history.timeline[-1].end_unix_ms = at
+            last = self.history.timeline[-1]
+            last.end_unix_ms = at
+            self.metrics.observe_phase(last.phase, (at - last.start_unix_ms) / 1000.0)
         self.history.timeline.append(PhaseSpanRecord(action.phase, action.op_id, action.epoch, at))
         if action.op_id:
             self.history.op_started_unix_ms.setdefault(action.op_id, at)
@@ -212,6 +233,29 @@ class Coordinator:
     def _unix_ms(self, monotonic_s: float) -> float:
         return (monotonic_s + self._wall_offset) * 1000.0
 
+    async def render_metrics(self, accept: str = "") -> tuple[bytes, str]:
+        """The /metrics body and content type, with the state gauges read now.
+
+        Like GetStatus, it waits for the transition in flight to be carried out,
+        but only briefly: while etcd hangs a write, the scrape still answers
+        (then the gauges may be one unpersisted transition ahead).
+        """
+        locked = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.dispatch_lock.acquire(), METRICS_LOCK_WAIT_S)
+            locked = True
+        try:
+            machine = self.machine
+            self.metrics.set_state(
+                machine.epoch,
+                machine.phase,
+                (machine.rank_state(rank) for rank in range(machine.world_size)),
+            )
+        finally:
+            if locked:
+                self.dispatch_lock.release()
+        return self.metrics.render(accept)
+
 
 async def serve(
     config: CoordinatorConfig, on_ready: Callable[[Coordinator], None] | None = None
@@ -220,18 +264,39 @@ async def serve(
     coordinator = Coordinator(config)
     await coordinator.start()
     server = grpc.aio.server()
-    add_services(server, coordinator)
-    bound = server.add_insecure_port(config.listen)
+    health = add_services(server, coordinator)
+    try:
+        bound = server.add_insecure_port(config.listen)
+    except RuntimeError:  # grpcio >= 1.5x raises where older ones returned 0
+        bound = 0
     if bound == 0:
         await coordinator.stop()
         raise OSError(f"cannot listen on {config.listen}")
+    # Serving from the first RPC on: etcd answered in start(), and this
+    # coordinator is the leader (the only one, until HA).
+    await set_serving(health, True)
     await server.start()
     coordinator.listen_port = bound
     log.info("serving", extra=fields(listen=config.listen, port=bound))
-    if on_ready is not None:
-        on_ready(coordinator)
+    metrics_server: asyncio.Server | None = None
     try:
+        if config.metrics_listen:
+            try:
+                metrics_server = await start_metrics_server(
+                    config.metrics_listen, coordinator.render_metrics
+                )
+            except OSError as exc:
+                raise OSError(f"cannot serve metrics on {config.metrics_listen}: {exc}") from exc
+            coordinator.metrics_port = bound_port(metrics_server)
+        if on_ready is not None:
+            on_ready(coordinator)
         await server.wait_for_termination()
     finally:
+        # Health watchers (load balancers) hear NOT_SERVING before the server goes.
+        await set_serving(health, False)
+        if metrics_server is not None:
+            metrics_server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(metrics_server.wait_closed(), 2.0)
         await server.stop(grace=0.5)
         await coordinator.stop()

@@ -10,6 +10,8 @@ import uuid
 from typing import TYPE_CHECKING, cast
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from coordinator import state_machine as sm
 from coordinator.logs import fields
@@ -109,9 +111,11 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         try:
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_S)
         except TimeoutError:
+            self.coordinator.metrics.observe_refused(grpc.StatusCode.DEADLINE_EXCEEDED.name)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10 s")
             return
         if first is grpc.aio.EOF or not first.HasField("hello"):
+            self.coordinator.metrics.observe_refused(grpc.StatusCode.INVALID_ARGUMENT.name)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message of a session must be a hello"
             )
@@ -207,6 +211,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     case "ack":
                         reply = reply_from_proto(msg.ack)
                         if reply is None:
+                            self.coordinator.metrics.observe_refused(sm.Code.INVALID_ARGUMENT)
                             channel.outbox.put_nowait(
                                 sm.Refuse(
                                     rank,
@@ -221,6 +226,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                         a = msg.ack
                         submit(sm.Acked(rank, session, a.epoch, a.op_id, a.command_id, reply))
                     case "hello":
+                        self.coordinator.metrics.observe_refused(sm.Code.INVALID_ARGUMENT)
                         channel.outbox.put_nowait(
                             sm.Refuse(
                                 rank,
@@ -318,6 +324,32 @@ def status_to_proto(coordinator: Coordinator) -> admin_pb2.ClusterStatus:
     return status
 
 
-def add_services(server: grpc.aio.Server, coordinator: Coordinator) -> None:
+SERVICE_NAMES = (
+    worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+def add_services(server: grpc.aio.Server, coordinator: Coordinator) -> health.aio.HealthServicer:
+    """WorkerService and AdminService, with the standard grpc.health.v1 Health
+    service (returned: call `set_serving` before the server starts) and server
+    reflection (so `grpcurl -plaintext HOST:PORT list` works)."""
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(coordinator), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(coordinator), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    return health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    """Health of the whole server ("") and of each service. SERVING while this
+    coordinator is the leader and has reached etcd; NOT_SERVING from shutdown on
+    (for good: the servicer ignores later changes once it is shutting down)."""
+    if not serving:
+        await health_servicer.enter_graceful_shutdown()
+        return
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -21,7 +21,7 @@ shrink to a fresh epoch, and joiners are told to retry.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
@@ -45,6 +45,22 @@ class Phase(StrEnum):
     REBUILDING = "rebuilding"
     RESYNCING = "resyncing"
     RESUMING = "resuming"
+
+
+# How long an operation may stay in one phase before the ranks it still waits
+# for are declared failed (hung: alive by their lease, silent on the data
+# plane). None: no limit. `admitting` waits for a joiner loading its weights
+# while everyone serves; a joiner that dies there is found by its lease.
+DEFAULT_DEADLINES_S: dict[Phase, float | None] = {
+    Phase.FORMING: 60.0,
+    Phase.HALTING: 10.0,
+    Phase.SHRINKING: 60.0,
+    Phase.ADMITTING: None,
+    Phase.PAUSING: 10.0,
+    Phase.REBUILDING: 60.0,
+    Phase.RESYNCING: 300.0,
+    Phase.RESUMING: 10.0,
+}
 
 
 class Step(StrEnum):
@@ -199,6 +215,11 @@ class Acked:
     reply: Reply
 
 
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: the phase deadlines are checked against `now`."""
+
+
 Event = (
     RankRegistered
     | SessionClosed
@@ -207,6 +228,7 @@ Event = (
     | JoinerReady
     | StepFailed
     | Acked
+    | Tick
 )
 
 # --- commands and actions -------------------------------------------------
@@ -376,6 +398,7 @@ class Operation:
     target_epoch: int
     started_at: float
     step: Step = Step.WAIT_READY
+    step_started_at: float = 0.0
     command: CommandBody | None = None
     command_id: int = 0
     awaiting: set[int] = field(default_factory=set)
@@ -413,6 +436,7 @@ class RecoveryStateMachine:
         fingerprint: str = "",
         auto_rejoin: bool = True,
         hold_lead_s: float = 0.05,
+        deadlines_s: Mapping[Phase, float | None] | None = None,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -421,6 +445,7 @@ class RecoveryStateMachine:
         self.fingerprint = fingerprint
         self.auto_rejoin = auto_rejoin
         self.hold_lead_s = hold_lead_s
+        self.deadlines_s = {**DEFAULT_DEADLINES_S, **(deadlines_s or {})}
         self.phase = Phase.FORMING
         self.epoch = 0
         self.members: tuple[int, ...] = ()
@@ -459,6 +484,8 @@ class RecoveryStateMachine:
                 self._on_step_failed(event)
             case Acked():
                 self._on_ack(event)
+            case Tick():
+                self._on_tick()
         self._persist_if_changed()
         out, self._out = self._out, []
         return out
@@ -649,18 +676,41 @@ class RecoveryStateMachine:
                 self._confirm_failed(rank, "session closed and peers' collectives failed")
 
     def _confirm_failed(self, rank: int, reason: str) -> None:
+        if not self._mark_failed(rank, reason):
+            return
+        op = self.op
+        if op is not None and rank in op.participants:
+            self._abandon(f"rank {rank} failed: {reason}")
+        self._maybe_start_operation()
+
+    def _mark_failed(self, rank: int, reason: str) -> bool:
         view = self.ranks.setdefault(rank, RankView())
         if view.failed:
-            return
+            return False
         view.failed = True
         view.ready = False
         self._emit(RankFailed(rank, reason, view.suspected_at, self._now))
         view.suspected_at = None
         self.joiners.discard(rank)
+        return True
+
+    def _on_tick(self) -> None:
         op = self.op
-        if op is not None and rank in op.participants:
-            self._abandon(f"rank {rank} failed: {reason}")
-        self._maybe_start_operation()
+        if op is None:
+            return
+        phase = PHASE_OF[(op.kind, op.step)]
+        limit = self.deadlines_s.get(phase)
+        if limit is None or self._now - op.step_started_at <= limit:
+            return
+        reason = f"{phase} passed its deadline of {limit:g} s"
+        # The ranks that never answered are hung: alive by their lease, silent
+        # here. They leave with the rollback; the others resume without them.
+        culprits = sorted(op.awaiting)
+        for rank in culprits:
+            self._mark_failed(rank, f"no answer in {reason}")
+        if culprits:
+            reason += f" waiting for ranks {culprits}"
+        self._abandon(reason)
 
     # --- joiners --------------------------------------------------------------
 
@@ -739,6 +789,7 @@ class RecoveryStateMachine:
         op = self.op
         assert op is not None
         op.step = step
+        op.step_started_at = self._now
         self._set_phase(PHASE_OF[(op.kind, step)], op.op_id)
         if step == Step.WAIT_READY:
             op.awaiting = set()

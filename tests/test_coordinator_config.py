@@ -90,6 +90,14 @@ def test_check_config_json_output(tmp_path: Path) -> None:
         ("- cluster: c\n- world_size: 4\n", ["top level must be a mapping", "list"]),
         ("just a string\n", ["top level must be a mapping", "str"]),
         ("cluster: c\n", ["invalid world_size", "missing"]),
+        (
+            "cluster: c\nworld_size: 4\nphase_deadlines_s: {pausin: 5}\n",
+            ["invalid phase_deadlines_s", "pausin", "pausing"],
+        ),
+        (
+            "cluster: c\nworld_size: 4\nphase_deadlines_s: {pausing: -1}\n",
+            ["invalid phase_deadlines_s", "greater than 0"],
+        ),
     ],
     ids=[
         "bad-value",
@@ -100,6 +108,8 @@ def test_check_config_json_output(tmp_path: Path) -> None:
         "list-top",
         "scalar-top",
         "missing-field",
+        "unknown-phase",
+        "negative-deadline",
     ],
 )
 def test_check_config_refuses_bad_input(tmp_path: Path, content: str, expected: list[str]) -> None:

@@ -37,6 +37,7 @@ from hypothesis.stateful import (
 
 from coordinator.plan import transfer_plan
 from coordinator.state_machine import (
+    DEFAULT_DEADLINES_S,
     PHASE_OF,
     STEP_FAILURE_WINDOW_S,
     Abort,
@@ -77,6 +78,7 @@ from coordinator.state_machine import (
     SessionClosed,
     Step,
     StepFailed,
+    Tick,
     store_prefix,
 )
 from protos.types import Placement
@@ -382,6 +384,48 @@ def test_rejoin_runs_the_whole_timeline_back_to_steady() -> None:
     )
     assert d.machine.rank_state(3) == "serving"
     assert d.machine.joiners == set()
+
+
+def test_a_survivor_silent_past_the_pause_deadline_is_declared_hung() -> None:
+    # Rank 2 is alive by its lease but never reaches the target (SIGSTOP, a
+    # stuck collective). At the deadline it is failed, the admission rolls
+    # back, and the others rebuild without it.
+    d = Driver(4)
+    d.form()
+    d.shrink(d.kill(3), lambda s: 7)
+    d.register(3, rejoin=True)
+    holds = sent(d.handle(JoinerReady(3, d.sessions[3])), Hold)
+    target = holds[0].command.iteration
+    for send in holds:
+        if send.rank != 2:
+            d.ack(send, Held(target))
+    limit = DEFAULT_DEADLINES_S[Phase.PAUSING]
+    assert limit is not None
+    d.now += limit / 2
+    assert d.handle(Tick()) == []  # before the deadline nothing moves
+    d.now += limit
+    out = d.handle(Tick())
+    [failed] = of_type(out, RankFailed)
+    assert failed.rank == 2 and "pausing passed its deadline" in failed.reason
+    [ended] = of_type(out, OperationEnded)
+    assert (ended.kind, ended.outcome) == (OpKind.GROW, "rolled_back")
+    assert "waiting for ranks [2]" in ended.reason
+    assert [s.rank for s in sent(out, Retry)] == [3]  # the joiner tries again later
+    assert sorted(s.rank for s in sent(out, Abort)) == [0, 1]  # a shrink without 2
+    assert d.machine.phase == Phase.HALTING
+
+
+def test_no_deadline_while_a_joiner_loads_and_deadlines_are_configurable() -> None:
+    d = Driver(4)
+    d.form()
+    d.shrink(d.kill(3), lambda s: 7)
+    d.register(3, rejoin=True)
+    assert d.machine.phase == Phase.ADMITTING
+    d.now += 10_000
+    assert d.handle(Tick()) == []  # admitting has no deadline by default
+    machine = RecoveryStateMachine(CLUSTER, 4, deadlines_s={Phase.ADMITTING: 5.0})
+    assert machine.deadlines_s[Phase.ADMITTING] == 5.0
+    assert machine.deadlines_s[Phase.PAUSING] == DEFAULT_DEADLINES_S[Phase.PAUSING]
 
 
 def test_recovering_rank_0_takes_metadata_and_weights_from_healthy_ranks() -> None:
