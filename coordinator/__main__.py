@@ -195,7 +195,7 @@ async def _run(config: CoordinatorConfig, ready_file: Path | None) -> int:
     except asyncio.CancelledError:
         log.info("stopped", extra=fields(cluster=config.cluster))
         return 0
-    except (OSError, aetcd.exceptions.ConnectionFailedError) as exc:
+    except (OSError, ValueError, aetcd.exceptions.ConnectionFailedError) as exc:
         log.error("cannot serve", extra=fields(error=str(exc), etcd=config.etcd))
         notifier.status(f"cannot serve: {exc}")
         return 1

@@ -19,6 +19,7 @@ import aetcd
 import grpc
 import torch.distributed as dist
 
+from coordinator import etcd_keys
 from coordinator import state_machine as sm
 from coordinator.cluster_store import ClusterStore
 from coordinator.config import CoordinatorConfig, split_host_port
@@ -105,7 +106,7 @@ class Coordinator:
             wait_for_workers=False,
         )
         self.store_port = self._store.port
-        await self._persist(self.machine.record())
+        await self._take_over()
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self._watch_leases(), name="lease-watch"),
@@ -117,6 +118,36 @@ class Coordinator:
                 cluster=self.config.cluster,
                 world_size=self.config.world_size,
                 store=f"{self.config.store_host}:{self.store_port}",
+            ),
+        )
+
+    async def _take_over(self) -> None:
+        """Go on from the record a previous coordinator persisted, if any."""
+        assert self._cluster_store is not None and self._etcd is not None
+        raw, _ = await self._cluster_store.load()
+        record = sm.ClusterRecord.from_json(raw) if raw is not None else None
+        if record is None or not record.members:
+            await self._persist(self.machine.record())
+            return
+        live: dict[int, tuple[str, int]] = {}
+        for kv in await self._etcd.get_prefix(etcd_keys.ranks_prefix(self.config.cluster)):
+            rank = etcd_keys.parse_rank_key(self.config.cluster, kv.key)
+            value = etcd_keys.decode_rank_value(kv.value)
+            if rank is not None and value is not None:
+                live[rank] = (str(value.get("incarnation", "")), int(value.get("lease_id", 0)))
+        actions = self.machine.restore(record, live, time.monotonic())
+        records = [a.record for a in actions if isinstance(a, sm.Persist)]
+        await self._persist(records[-1] if records else self.machine.record())
+        for action in actions:
+            self._carry_out(action)
+        log.info(
+            "took over the cluster record",
+            extra=fields(
+                epoch=record.epoch,
+                members=list(record.members),
+                phase=str(record.phase),
+                operation=record.operation.op_id if record.operation else "",
+                live=sorted(live),
             ),
         )
 

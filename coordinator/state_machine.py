@@ -371,9 +371,51 @@ class ClusterRecord:
     operation: OperationRecord | None
     last_epoch: int
     op_seq: int
+    next_command_id: int = 1
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ClusterRecord:
+        """The inverse of to_json; ValueError (naming the problem) on a bad record."""
+        try:
+            d = json.loads(raw)
+            placement = d["placement"]
+            op = d["operation"]
+            return cls(
+                cluster=str(d["cluster"]),
+                world_size=int(d["world_size"]),
+                fingerprint=str(d["fingerprint"]),
+                epoch=int(d["epoch"]),
+                members=tuple(int(r) for r in d["members"]),
+                phase=Phase(d["phase"]),
+                placement=None
+                if placement is None
+                else Placement(
+                    int(placement["version"]),
+                    int(placement["slots_per_rank"]),
+                    tuple(tuple(int(e) for e in layer) for layer in placement["layers"]),
+                ),
+                operation=None
+                if op is None
+                else OperationRecord(
+                    op_id=str(op["op_id"]),
+                    kind=OpKind(op["kind"]),
+                    step=Step(op["step"]),
+                    target_epoch=int(op["target_epoch"]),
+                    survivors=tuple(int(r) for r in op["survivors"]),
+                    joining=tuple(int(r) for r in op["joining"]),
+                    leaving=tuple(int(r) for r in op["leaving"]),
+                    hold_iteration=op["hold_iteration"],
+                    cut=op["cut"],
+                ),
+                last_epoch=int(d["last_epoch"]),
+                op_seq=int(d["op_seq"]),
+                next_command_id=int(d.get("next_command_id", 1)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"unreadable cluster record: {exc!r}") from exc
 
 
 @dataclass
@@ -502,7 +544,76 @@ class RecoveryStateMachine:
             operation=self.op.record() if self.op else None,
             last_epoch=self.last_epoch,
             op_seq=self.op_seq,
+            next_command_id=self._next_command_id,
         )
+
+    def restore(
+        self, record: ClusterRecord, live: Mapping[int, tuple[str, int]], now: float
+    ) -> list[Action]:
+        """Take over from a coordinator that stopped (crashed, restarted, was
+        deposed) with `record` persisted. `live` maps each rank whose etcd key
+        still exists to its (incarnation, lease id): those are expected to
+        reconnect; members without a key died meanwhile.
+
+        An operation in flight is rolled back under its own id: survivors
+        rebuild the last committed epoch's groups (or the committed one's, if
+        the resume order had gone out) and joiners start their admission over.
+        """
+        if (record.cluster, record.world_size) != (self.cluster, self.world_size):
+            raise ValueError(
+                f"persisted record is for cluster {record.cluster!r} of {record.world_size} "
+                f"ranks; this coordinator serves {self.cluster!r} of {self.world_size}"
+            )
+        if self.members or self.ranks or self.op is not None:
+            raise RuntimeError("restore() is only for a fresh machine")
+        self._now = now
+        self._out = []
+        self.fingerprint = self.fingerprint or record.fingerprint
+        self.epoch = record.epoch
+        self.members = record.members
+        self.placement = record.placement
+        self.last_epoch = record.last_epoch
+        self.op_seq = record.op_seq
+        self._next_command_id = max(self._next_command_id, record.next_command_id)
+        self.phase = record.phase
+        for rank in self.members:
+            if rank in live:
+                incarnation, lease_id = live[rank]
+                # No session until it reconnects: suspect, like a blip.
+                self.ranks[rank] = RankView(
+                    incarnation=incarnation, lease_id=lease_id, last_seen=now, suspected_at=now
+                )
+            else:
+                self.ranks[rank] = RankView(failed=True)
+                self._emit(RankFailed(rank, "lease gone while no coordinator ran", None, now))
+        op = record.operation
+        if op is not None:
+            self.op = Operation(
+                op_id=op.op_id,
+                kind=op.kind,
+                survivors=op.survivors,
+                joining=op.joining,
+                leaving=op.leaving,
+                target_epoch=op.target_epoch,
+                started_at=now,
+                step=op.step,
+                step_started_at=now,
+            )
+            if not self.members:
+                self.phase = Phase.FORMING
+                self.ranks = {}
+                self.op = None
+            else:
+                self._abandon(f"coordinator restarted during {record.phase}")
+        elif self.members:
+            self.phase = self._idle_phase()
+        self._maybe_start_operation()
+        if not any(isinstance(a, PhaseEntered) for a in self._out):
+            # The new timeline starts where things stand.
+            self._emit(PhaseEntered(self.phase, self.epoch, self.op.op_id if self.op else "", now))
+        self._persist_if_changed()
+        out, self._out = self._out, []
+        return out
 
     def pending_members(self) -> tuple[int, ...]:
         if self.op is None:

@@ -222,6 +222,11 @@ class CoordinatorProcess:
     def status(self) -> admin_pb2.ClusterStatus:
         return self.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
 
+    def log_tail(self) -> str:
+        self.log.flush()
+        text = Path(self.log.name).read_text(errors="replace").splitlines()
+        return "\n".join(line for line in text if "progress" not in line)[-8000:]
+
     def phase(self) -> str:
         return common_pb2.Phase.Name(self.status().phase).removeprefix("PHASE_").lower()
 

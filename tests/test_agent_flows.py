@@ -17,8 +17,9 @@ from typing import Any
 import grpc
 import pytest
 
-from protos.ep_recovery.v1 import worker_pb2, worker_pb2_grpc
+from protos.ep_recovery.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
 from tests.agent_harness import (
+    CoordinatorProcess,
     ThreadRank,
     ring_placement,
     thread_cluster,
@@ -280,3 +281,45 @@ def test_a_session_blip_reattaches_the_rank_without_a_recovery(
         assert _status_key(coord) == before
         assert coord.phase() == "steady"
         assert not coord.status().failures
+
+
+def test_a_restarted_coordinator_takes_over_without_restarting_a_rank(
+    tmp_path: Path, etcd: str, cluster_name: str, free_port: int
+) -> None:
+    # The daemon is SIGKILLed and started again on the same address (as systemd
+    # does): it reads the persisted record, the agents reconnect with their
+    # process and lease intact, and the cluster goes on in the same epoch.
+    listen = ("--listen", f"127.0.0.1:{free_port}")
+    with thread_cluster(tmp_path, etcd, cluster_name, WORLD, *listen) as (coord, ranks):
+        epoch = coord.status().epoch
+        coord.proc.kill()
+        coord.proc.wait()
+        second_dir = tmp_path / "second"
+        second_dir.mkdir()
+        second = CoordinatorProcess(
+            second_dir, cluster_name, WORLD, etcd, "--group-timeout-s", "5", *listen
+        )
+        try:
+            status = second.status()
+            assert (status.epoch, list(status.members)) == (epoch, list(range(WORLD)))
+            wait_until(
+                lambda: all(r.state == admin_pb2.RANK_STATE_SERVING for r in second.status().ranks),
+                30,
+                "every rank to reconnect to the new coordinator",
+            )
+            start = {rank: r.adapter.iteration for rank, r in ranks.items()}
+            wait_until(
+                lambda: all(r.adapter.iteration >= start[k] + 20 for k, r in ranks.items()),
+                30,
+                "20 more iterations on every rank",
+            )
+            assert second.status().epoch == epoch and not second.status().failures
+            # The new coordinator runs the next recovery end to end.
+            _rejoin(second, ranks, 1, etcd, cluster_name)
+            assert second.status().epoch == epoch + 2
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}\n--- new coordinator log ---\n{second.log_tail()}"
+            ) from exc
+        finally:
+            second.stop()

@@ -428,6 +428,77 @@ def test_no_deadline_while_a_joiner_loads_and_deadlines_are_configurable() -> No
     assert machine.deadlines_s[Phase.PAUSING] == DEFAULT_DEADLINES_S[Phase.PAUSING]
 
 
+def _take_over(d: Driver, live: list[int]) -> list[Action]:
+    """A new coordinator restores what the old one persisted; `live` ranks'
+    keys are still in etcd. The Driver goes on with the new machine."""
+    record = ClusterRecord.from_json(d.persisted.to_json())
+    assert record == d.persisted
+    d.machine = RecoveryStateMachine(CLUSTER, d.n)
+    d.now += 1.0
+    out = d.machine.restore(record, {r: (d.incarnations[r], d.leases[r]) for r in live}, d.now)
+    d.persisted = [a.record for a in of_type(out, Persist)][-1]
+    return out
+
+
+def test_a_new_coordinator_takes_over_a_steady_cluster_without_a_recovery() -> None:
+    d = Driver(4)
+    d.form()
+    out = _take_over(d, [0, 1, 2, 3])
+    assert phases(out) == [Phase.STEADY] and not sent(out)
+    assert (d.machine.epoch, d.machine.members) == (1, (0, 1, 2, 3))
+    # Every rank reconnects (same process, same lease) and stays a member.
+    for r in range(4):
+        out = d.register(r, incarnation=d.incarnations[r])
+        assert [(a.rank, a.role) for a in of_type(out, Accept)] == [(r, Role.MEMBER)]
+        assert not sent(out)
+    assert d.machine.phase == Phase.STEADY and d.machine.op is None
+    # And the next failure is handled as usual, with fresh command ids.
+    before = d.persisted.next_command_id
+    aborts = sent(d.kill(2), Abort)
+    assert sorted(a.rank for a in aborts) == [0, 1, 3]
+    assert all(a.command_id >= before for a in aborts)
+
+
+def test_a_new_coordinator_rolls_back_an_admission_in_flight_under_its_id() -> None:
+    d = Driver(4)
+    d.form()
+    d.shrink(d.kill(3), lambda s: 7)
+    d.register(3, rejoin=True)
+    holds = sent(d.handle(JoinerReady(3, d.sessions[3])), Hold)
+    op_id = holds[0].op_id
+    assert d.persisted.phase == Phase.PAUSING
+    out = _take_over(d, [0, 1, 2, 3])
+    [ended] = of_type(out, OperationEnded)
+    assert (ended.op_id, ended.outcome) == (op_id, "rolled_back")
+    assert "coordinator restarted during pausing" in ended.reason
+    assert d.machine.phase == Phase.HALTING  # survivors (maybe held) rebuild epoch 2's set
+    assert d.machine.members == (0, 1, 2)
+    # The abort reaches each survivor when it reconnects.
+    for r in (0, 1, 2):
+        out = d.register(r, incarnation=d.incarnations[r])
+        assert [s.command for s in sent(out)] == [Abort(2)]
+        d.ack(sent(out)[0], Halted(7))
+    assert d.machine.phase == Phase.SHRINKING
+
+
+def test_a_member_whose_key_vanished_while_no_coordinator_ran_is_failed() -> None:
+    d = Driver(4)
+    d.form()
+    out = _take_over(d, [0, 1, 3])
+    assert [f.rank for f in of_type(out, RankFailed)] == [2]
+    assert d.machine.phase == Phase.HALTING
+
+
+def test_a_record_of_another_cluster_is_refused() -> None:
+    d = Driver(4)
+    d.form()
+    other = RecoveryStateMachine("other", 4)
+    with pytest.raises(ValueError, match="persisted record is for cluster"):
+        other.restore(d.persisted, {}, 0.0)
+    with pytest.raises(ValueError, match="unreadable cluster record"):
+        ClusterRecord.from_json(b'{"cluster": "x"}')
+
+
 def test_recovering_rank_0_takes_metadata_and_weights_from_healthy_ranks() -> None:
     """The seed PR broadcast placement from rank 0, which breaks when rank 0 is
     the one recovered. Here every source is a healthy rank."""
