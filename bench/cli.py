@@ -23,6 +23,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "hook": ("bench.hook", "idle iteration hook vs seed-style per-iteration checks (ns/call)"),
     "detect": ("bench.detect", "SIGKILL and SIGSTOP of a rank to the coordinator's detection"),
     "resync": ("bench.resync", "expert weight transfer vs loopback copy bound (bytes/s)"),
+    "stall": ("bench.stall", "survivor stall per admission vs seed-style, full restart, floor"),
 }
 
 

@@ -31,6 +31,8 @@ from coordinator.services import SessionChannel, add_services, set_serving
 log = logging.getLogger(__name__)
 
 HISTORY = 256
+# How long an admin call waits for the state machine's answer.
+ADMIN_TIMEOUT_S = 10.0
 # How often phase deadlines are checked: their resolution.
 TICK_S = 0.25
 # How long a scrape waits for the transition being carried out (see render_metrics).
@@ -85,6 +87,8 @@ class Coordinator:
         # Held from an event's handling until its actions are carried out, so a
         # reader (GetStatus) never sees a transition that is not yet persisted.
         self.dispatch_lock = asyncio.Lock()
+        # Admin calls waiting for the machine's answer, by request id.
+        self._admin_waiters: dict[str, list[asyncio.Future[sm.AdminAnswered]]] = {}
         # Called with every phase entered (e.g. the systemd STATUS= line).
         self.phase_hooks: list[Callable[[sm.PhaseEntered], None]] = []
         # Wall clock of a monotonic instant, for times other processes compare.
@@ -168,6 +172,23 @@ class Coordinator:
     def submit(self, event: sm.Event) -> None:
         self._events.put_nowait(event)
 
+    async def admin(
+        self, request_id: str, command: sm.AdminCommand, timeout_s: float = ADMIN_TIMEOUT_S
+    ) -> sm.AdminAnswered:
+        """Hand an operator's call to the state machine; its answer (TimeoutError
+        if the dispatch is stuck, e.g. on an etcd write)."""
+        future: asyncio.Future[sm.AdminAnswered] = asyncio.get_running_loop().create_future()
+        waiters = self._admin_waiters.setdefault(request_id, [])
+        waiters.append(future)
+        self.submit(sm.AdminRequested(request_id, command))
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._admin_waiters.pop(request_id, None)
+
     async def _dispatch_loop(self) -> None:
         while True:
             event = await self._events.get()
@@ -213,6 +234,19 @@ class Coordinator:
                 channel = self.sessions.get(session)
                 if channel is not None:
                     channel.outbox.put_nowait(action)
+            case sm.AdminAnswered():
+                log.info(
+                    "admin call answered",
+                    extra=fields(
+                        request_id=action.request_id,
+                        code=action.code or "OK",
+                        message=action.message,
+                        replayed=action.replayed,
+                    ),
+                )
+                for future in self._admin_waiters.pop(action.request_id, []):
+                    if not future.done():
+                        future.set_result(action)
             case sm.PhaseEntered():
                 self._record_phase(action)
             case sm.RankFailed():

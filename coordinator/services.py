@@ -251,6 +251,36 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         async with self.coordinator.dispatch_lock:
             return status_to_proto(self.coordinator)
 
+    async def AbortOperation(
+        self, request: admin_pb2.AbortOperationRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdminReply:
+        command = sm.AbortOperation(request.op_id, request.reason)
+        return await self._mutate(request.request_id, command, context)
+
+    async def SetAutoRejoin(
+        self, request: admin_pb2.SetAutoRejoinRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdminReply:
+        command = sm.SetAutoRejoin(request.enabled)
+        return await self._mutate(request.request_id, command, context)
+
+    async def _mutate(
+        self, request_id: str, command: sm.AdminCommand, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdminReply:
+        try:
+            answer = await self.coordinator.admin(request_id, command)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the coordinator did not answer in time (is etcd reachable?); "
+                "retry with the same request_id",
+            )
+            raise  # context.abort raises; this keeps the type checker informed
+        if answer.code is not None:
+            await context.abort(getattr(grpc.StatusCode, answer.code.value), answer.message)
+        return admin_pb2.AdminReply(
+            request_id=request_id, message=answer.message, replayed=answer.replayed
+        )
+
 
 def status_to_proto(coordinator: Coordinator) -> admin_pb2.ClusterStatus:
     machine = coordinator.machine

@@ -21,8 +21,9 @@ shrink to a fresh epoch, and joiners are told to retry.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
 from coordinator.plan import PlanError, ProgressSample, hold_target, next_sample, transfer_plan
@@ -104,6 +105,7 @@ class Code(StrEnum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     ALREADY_EXISTS = "ALREADY_EXISTS"
+    NOT_FOUND = "NOT_FOUND"
 
 
 class Role(StrEnum):
@@ -220,6 +222,28 @@ class Tick:
     """Time passed: the phase deadlines are checked against `now`."""
 
 
+@dataclass(frozen=True)
+class AbortOperation:
+    op_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SetAutoRejoin:
+    enabled: bool
+
+
+AdminCommand = AbortOperation | SetAutoRejoin
+
+
+@dataclass(frozen=True)
+class AdminRequested:
+    """An operator's mutating call; answered by one AdminAnswered."""
+
+    request_id: str
+    command: AdminCommand
+
+
 Event = (
     RankRegistered
     | SessionClosed
@@ -229,6 +253,7 @@ Event = (
     | StepFailed
     | Acked
     | Tick
+    | AdminRequested
 )
 
 # --- commands and actions -------------------------------------------------
@@ -338,7 +363,22 @@ class OperationEnded:
     retargets: int = 0
 
 
-Action = Accept | Refuse | Send | Persist | PhaseEntered | RankFailed | OperationEnded
+@dataclass(frozen=True)
+class AdminAnswered:
+    """The answer to AdminRequested: `code` None is success."""
+
+    request_id: str
+    code: Code | None
+    message: str
+    replayed: bool = False
+
+
+Action = (
+    Accept | Refuse | Send | Persist | PhaseEntered | RankFailed | OperationEnded | AdminAnswered
+)
+
+# Answers kept for replay to a retried admin call (per request id).
+ADMIN_ANSWERS_KEPT = 1024
 
 
 # --- state ----------------------------------------------------------------
@@ -372,6 +412,7 @@ class ClusterRecord:
     last_epoch: int
     op_seq: int
     next_command_id: int = 1
+    auto_rejoin: bool = True
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -413,6 +454,7 @@ class ClusterRecord:
                 last_epoch=int(d["last_epoch"]),
                 op_seq=int(d["op_seq"]),
                 next_command_id=int(d.get("next_command_id", 1)),
+                auto_rejoin=bool(d.get("auto_rejoin", True)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"unreadable cluster record: {exc!r}") from exc
@@ -505,6 +547,7 @@ class RecoveryStateMachine:
         self._out: list[Action] = []
         self._now = 0.0
         self._last_record: ClusterRecord | None = None
+        self._admin_answers: OrderedDict[str, tuple[AdminCommand, AdminAnswered]] = OrderedDict()
 
     # --- public -------------------------------------------------------------
 
@@ -528,6 +571,8 @@ class RecoveryStateMachine:
                 self._on_ack(event)
             case Tick():
                 self._on_tick()
+            case AdminRequested():
+                self._on_admin(event)
         self._persist_if_changed()
         out, self._out = self._out, []
         return out
@@ -545,6 +590,7 @@ class RecoveryStateMachine:
             last_epoch=self.last_epoch,
             op_seq=self.op_seq,
             next_command_id=self._next_command_id,
+            auto_rejoin=self.auto_rejoin,
         )
 
     def restore(
@@ -575,6 +621,7 @@ class RecoveryStateMachine:
         self.last_epoch = record.last_epoch
         self.op_seq = record.op_seq
         self._next_command_id = max(self._next_command_id, record.next_command_id)
+        self.auto_rejoin = record.auto_rejoin  # an operator's choice outlives a restart
         self.phase = record.phase
         for rank in self.members:
             if rank in live:
@@ -804,6 +851,63 @@ class RecoveryStateMachine:
         view.suspected_at = None
         self.joiners.discard(rank)
         return True
+
+    # --- operators --------------------------------------------------------------
+
+    def _on_admin(self, ev: AdminRequested) -> None:
+        if not 1 <= len(ev.request_id) <= 128:
+            return self._emit(
+                AdminAnswered(
+                    ev.request_id,
+                    Code.INVALID_ARGUMENT,
+                    f"request_id must be 1 to 128 characters, got {len(ev.request_id)}",
+                )
+            )
+        seen = self._admin_answers.get(ev.request_id)
+        if seen is not None:
+            request, answer = seen
+            if request != ev.command:
+                return self._emit(
+                    AdminAnswered(
+                        ev.request_id,
+                        Code.INVALID_ARGUMENT,
+                        f"request_id {ev.request_id!r} was already used for {request}",
+                    )
+                )
+            return self._emit(replace(answer, replayed=True))
+        answer = self._admin(ev.request_id, ev.command)
+        self._admin_answers[ev.request_id] = (ev.command, answer)
+        while len(self._admin_answers) > ADMIN_ANSWERS_KEPT:
+            self._admin_answers.popitem(last=False)
+        self._emit(answer)
+        self._maybe_start_operation()
+
+    def _admin(self, request_id: str, command: AdminCommand) -> AdminAnswered:
+        match command:
+            case SetAutoRejoin(enabled=enabled):
+                self.auto_rejoin = enabled
+                state = "on" if enabled else "off"
+                return AdminAnswered(request_id, None, f"automatic rejoin is {state}")
+            case AbortOperation(op_id=op_id, reason=reason):
+                op = self.op
+                if not op_id:
+                    return AdminAnswered(request_id, Code.INVALID_ARGUMENT, "op_id is empty")
+                if op is None or op.op_id != op_id:
+                    current = repr(op.op_id) if op else "none"
+                    return AdminAnswered(
+                        request_id,
+                        Code.NOT_FOUND,
+                        f"operation {op_id!r} is not in flight (in flight: {current})",
+                    )
+                if op.kind != OpKind.GROW:
+                    return AdminAnswered(
+                        request_id,
+                        Code.FAILED_PRECONDITION,
+                        f"operation {op_id!r} is a {op.kind}: it restores the serving set "
+                        "and cannot be aborted",
+                    )
+                self._abandon(f"aborted by an operator: {reason or 'no reason given'}")
+                return AdminAnswered(request_id, None, f"operation {op_id!r} rolled back")
 
     def _on_tick(self) -> None:
         op = self.op

@@ -13,6 +13,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
+EXIT_REFUSED = 5  # the cluster's state does not allow it (FAILED_PRECONDITION)
 
 
 def _kill_event(text: str) -> list[int]:
@@ -52,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a coordinator's view of its cluster")
     status.add_argument("--endpoint", default="127.0.0.1:50051", help="coordinator host:port")
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    abort = sub.add_parser("abort", help="roll back the admission in flight")
+    abort.add_argument("op_id", help="the operation (see `epctl status`)")
+    abort.add_argument("--reason", default="", help="recorded with the rollback")
+    rejoin = sub.add_parser("auto-rejoin", help="admit relaunched ranks on their own, or not")
+    rejoin.add_argument("state", choices=("on", "off"))
+    for mutating in (abort, rejoin):
+        mutating.add_argument("--endpoint", default="127.0.0.1:50051", help="coordinator host:port")
+        mutating.add_argument(
+            "--request-id",
+            help="makes a retried call idempotent (default: a fresh one per call)",
+        )
+        mutating.add_argument("-o", "--output", choices=("text", "json"), default="text")
     bench.cli.add_parser(sub)
     return parser
 
@@ -62,7 +77,52 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.command == "bench":
         return bench.cli.run(args)
+    if args.command in ("abort", "auto-rejoin"):
+        return _mutate(args)
     return _status(args)
+
+
+def _mutate(args: argparse.Namespace) -> int:
+    import uuid
+
+    import grpc
+
+    from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc
+
+    request_id = args.request_id or uuid.uuid4().hex
+    with grpc.insecure_channel(args.endpoint) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        try:
+            if args.command == "abort":
+                reply = stub.AbortOperation(
+                    admin_pb2.AbortOperationRequest(
+                        request_id=request_id, op_id=args.op_id, reason=args.reason
+                    ),
+                    timeout=15,
+                )
+            else:
+                reply = stub.SetAutoRejoin(
+                    admin_pb2.SetAutoRejoinRequest(
+                        request_id=request_id, enabled=args.state == "on"
+                    ),
+                    timeout=15,
+                )
+        except grpc.RpcError as exc:
+            code = exc.code()
+            sys.stderr.write(f"epctl {args.command}: {code.name}: {exc.details()}\n")
+            return {
+                grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+                grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+                grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED,
+                grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+            }.get(code, EXIT_FAILED)
+    if args.output == "json":
+        out = {"request_id": reply.request_id, "message": reply.message, "replayed": reply.replayed}
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        sys.stdout.write(reply.message + (" (replayed)" if reply.replayed else "") + "\n")
+    return EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:

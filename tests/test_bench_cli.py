@@ -83,3 +83,29 @@ def test_bad_name_exits_2_naming_the_valid_ones(tmp_path: Path, name: str) -> No
     assert result.returncode == 2
     for valid in ("hook", "detect", "resync"):
         assert valid in result.stderr
+
+
+def test_stall_small_plan_reports_every_system(tmp_path: Path) -> None:
+    # `bench stall --quick` forms 8-rank clusters (minutes on a small machine);
+    # `python -m bench.stall` runs the same code on 2 ranks and 1 MiB.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.stall"],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp)},
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert result.returncode == 0, result.stderr
+    records: list[dict[str, Any]] = json.loads(result.stdout.strip().splitlines()[-1])["results"]
+    systems = {r["system"]: r for r in records}
+    assert set(systems) == {"ep-recovery", "seed-style", "full-restart", "floor"}
+    for record in records:
+        assert (record["ranks"], record["expert_mb"], record["trials"]) == (2, 1, 1)
+        assert all(not isinstance(v, dict | list) for v in record.values()), "records are flat"
+        for key in ("stall_ms", "of_floor"):
+            assert _positive(record[key]), (record["system"], key, record[key])
+    assert systems["floor"]["of_floor"] == 1.0
+    assert _positive(systems["ep-recovery"]["survivor_median_ms"])

@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import Phase as HypothesisPhase
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -41,9 +41,12 @@ from coordinator.state_machine import (
     PHASE_OF,
     STEP_FAILURE_WINDOW_S,
     Abort,
+    AbortOperation,
     Accept,
     Acked,
     Action,
+    AdminAnswered,
+    AdminRequested,
     ClusterRecord,
     Code,
     CommandBody,
@@ -76,6 +79,7 @@ from coordinator.state_machine import (
     Role,
     Send,
     SessionClosed,
+    SetAutoRejoin,
     Step,
     StepFailed,
     Tick,
@@ -497,6 +501,74 @@ def test_a_record_of_another_cluster_is_refused() -> None:
         other.restore(d.persisted, {}, 0.0)
     with pytest.raises(ValueError, match="unreadable cluster record"):
         ClusterRecord.from_json(b'{"cluster": "x"}')
+
+
+def _admin(d: Driver, request_id: str, command: Any) -> tuple[AdminAnswered, list[Action]]:
+    out = d.handle(AdminRequested(request_id, command))
+    [answer] = of_type(out, AdminAnswered)
+    return answer, out
+
+
+def test_an_operator_aborts_an_admission_and_a_retry_changes_nothing() -> None:
+    d = Driver(4)
+    d.form()
+    d.shrink(d.kill(3), lambda s: 7)
+    d.register(3, rejoin=True)
+    holds = sent(d.handle(JoinerReady(3, d.sessions[3])), Hold)
+    op_id = holds[0].op_id
+    answer, _ = _admin(d, "r1", SetAutoRejoin(False))
+    assert answer.code is None and d.persisted.auto_rejoin is False
+    answer, out = _admin(d, "r2", AbortOperation(op_id, "bad weights"))
+    assert (answer.code, answer.replayed) == (None, False)
+    [ended] = of_type(out, OperationEnded)
+    assert (ended.op_id, ended.outcome) == (op_id, "rolled_back")
+    assert "aborted by an operator: bad weights" in ended.reason
+    assert [s.rank for s in sent(out, Retry)] == [3]
+    record = d.persisted
+    # The retry of the same call: the same answer, nothing else.
+    again, out = _admin(d, "r2", AbortOperation(op_id, "bad weights"))
+    assert (again.code, again.message, again.replayed) == (None, answer.message, True)
+    assert out == [again] and d.persisted == record
+    # The same id for another request is refused.
+    other, out = _admin(d, "r2", SetAutoRejoin(True))
+    assert other.code == Code.INVALID_ARGUMENT and out == [other]
+    # The survivors rebuild without the joiner; with automatic rejoin off it
+    # then waits, registered and ready, until an operator turns it back on.
+    assert d.machine.op is not None and d.machine.op.kind == OpKind.SHRINK
+
+
+def test_aborting_what_cannot_be_aborted_is_refused_and_changes_nothing() -> None:
+    d = Driver(4)
+    d.form()
+    record = d.persisted
+    answer, out = _admin(d, "a", AbortOperation("nope"))
+    assert answer.code == Code.NOT_FOUND and "not in flight" in answer.message
+    assert out == [answer] and d.persisted == record
+    shrink_op = sent(d.kill(1), Abort)[0].op_id
+    record = d.persisted
+    answer, out = _admin(d, "b", AbortOperation(shrink_op))
+    assert answer.code == Code.FAILED_PRECONDITION and "cannot be aborted" in answer.message
+    assert out == [answer] and d.persisted == record
+    answer, out = _admin(d, "", SetAutoRejoin(False))
+    assert answer.code == Code.INVALID_ARGUMENT and d.persisted == record
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    request_id=st.text(max_size=140),
+    op_id=st.text(max_size=40),
+    reason=st.text(max_size=40),
+)
+def test_bad_admin_requests_are_refused_with_a_message_and_change_nothing(
+    request_id: str, op_id: str, reason: str
+) -> None:
+    d = Driver(4)
+    d.form()
+    record = d.persisted
+    answer, out = _admin(d, request_id, AbortOperation(op_id, reason))
+    assert out == [answer]  # no command, no persist: nothing moved
+    assert d.persisted == record
+    assert answer.code in (Code.INVALID_ARGUMENT, Code.NOT_FOUND) and answer.message
 
 
 def test_recovering_rank_0_takes_metadata_and_weights_from_healthy_ranks() -> None:

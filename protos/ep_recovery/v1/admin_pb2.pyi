@@ -23,6 +23,34 @@ RANK_STATE_SUSPECT: RankState
 RANK_STATE_FAILED: RankState
 RANK_STATE_JOINING: RankState
 
+class AbortOperationRequest(_message.Message):
+    __slots__ = ("request_id", "op_id", "reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    op_id: str
+    reason: str
+    def __init__(self, request_id: _Optional[str] = ..., op_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetAutoRejoinRequest(_message.Message):
+    __slots__ = ("request_id", "enabled")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    enabled: bool
+    def __init__(self, request_id: _Optional[str] = ..., enabled: _Optional[bool] = ...) -> None: ...
+
+class AdminReply(_message.Message):
+    __slots__ = ("request_id", "message", "replayed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    message: str
+    replayed: bool
+    def __init__(self, request_id: _Optional[str] = ..., message: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

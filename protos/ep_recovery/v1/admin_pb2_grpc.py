@@ -39,6 +39,16 @@ class AdminServiceStub:
                 request_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ClusterStatus.FromString,
                 _registered_method=True)
+        self.AbortOperation = channel.unary_unary(
+                '/ep_recovery.v1.AdminService/AbortOperation',
+                request_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AbortOperationRequest.SerializeToString,
+                response_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.SetAutoRejoin = channel.unary_unary(
+                '/ep_recovery.v1.AdminService/SetAutoRejoin',
+                request_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.SetAutoRejoinRequest.SerializeToString,
+                response_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -50,6 +60,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AbortOperation(self, request, context):
+        """Roll back the admission in flight (a grow). Shrinks restore the serving set
+        and cannot be aborted. Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAutoRejoin(self, request, context):
+        """Whether relaunched ranks are admitted on their own. Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +82,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
                     response_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ClusterStatus.SerializeToString,
+            ),
+            'AbortOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortOperation,
+                    request_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AbortOperationRequest.FromString,
+                    response_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.SerializeToString,
+            ),
+            'SetAutoRejoin': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAutoRejoin,
+                    request_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.SetAutoRejoinRequest.FromString,
+                    response_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +121,60 @@ class AdminService:
             '/ep_recovery.v1.AdminService/GetStatus',
             protos_dot_ep__recovery_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
             protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ep_recovery.v1.AdminService/AbortOperation',
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AbortOperationRequest.SerializeToString,
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAutoRejoin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ep_recovery.v1.AdminService/SetAutoRejoin',
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.SetAutoRejoinRequest.SerializeToString,
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.FromString,
             options,
             channel_credentials,
             insecure,
