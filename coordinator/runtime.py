@@ -139,11 +139,7 @@ class Coordinator:
             value = etcd_keys.decode_rank_value(kv.value)
             if rank is not None and value is not None:
                 live[rank] = (str(value.get("incarnation", "")), int(value.get("lease_id", 0)))
-        actions = self.machine.restore(record, live, time.monotonic())
-        records = [a.record for a in actions if isinstance(a, sm.Persist)]
-        await self._persist(records[-1] if records else self.machine.record())
-        for action in actions:
-            self._carry_out(action)
+        await self._apply(self.machine.restore(record, live, time.monotonic()))
         log.info(
             "took over the cluster record",
             extra=fields(
@@ -194,14 +190,17 @@ class Coordinator:
             event = await self._events.get()
             async with self.dispatch_lock:
                 try:
-                    actions = self.machine.handle(event, time.monotonic())
-                    records = [a.record for a in actions if isinstance(a, sm.Persist)]
-                    if records:
-                        await self._persist(records[-1])
-                    for action in actions:
-                        self._carry_out(action)
+                    await self._apply(self.machine.handle(event, time.monotonic()))
                 except Exception:
                     log.exception("dispatch failed", extra=fields(event=repr(event)))
+
+    async def _apply(self, actions: list[sm.Action]) -> None:
+        """Persist the newest record among `actions` first, then carry them out."""
+        records = [a.record for a in actions if isinstance(a, sm.Persist)]
+        if records:
+            await self._persist(records[-1])
+        for action in actions:
+            self._carry_out(action)
 
     async def _tick(self) -> None:
         """Let the state machine check its phase deadlines."""
@@ -228,12 +227,8 @@ class Coordinator:
 
     def _carry_out(self, action: sm.Action) -> None:
         match action:
-            case sm.Accept(session=session) | sm.Send(session=session) | sm.Refuse(session=session):
-                if isinstance(action, sm.Refuse):
-                    self.metrics.observe_refused(action.code)
-                channel = self.sessions.get(session)
-                if channel is not None:
-                    channel.outbox.put_nowait(action)
+            case sm.Accept() | sm.Send() | sm.Refuse():
+                self.deliver(action)
             case sm.AdminAnswered():
                 log.info(
                     "admin call answered",
@@ -275,6 +270,15 @@ class Coordinator:
                         reason=action.reason,
                     ),
                 )
+
+    def deliver(self, action: sm.Accept | sm.Send | sm.Refuse) -> None:
+        """Queue a message for its session (dropped if the session is gone);
+        refusals are counted, whether the machine or the service made them."""
+        if isinstance(action, sm.Refuse):
+            self.metrics.observe_refused(action.code)
+        channel = self.sessions.get(action.session)
+        if channel is not None:
+            channel.outbox.put_nowait(action)
 
     def _record_phase(self, action: sm.PhaseEntered) -> None:
         at = self._unix_ms(action.at)

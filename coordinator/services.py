@@ -211,8 +211,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     case "ack":
                         reply = reply_from_proto(msg.ack)
                         if reply is None:
-                            self.coordinator.metrics.observe_refused(sm.Code.INVALID_ARGUMENT)
-                            channel.outbox.put_nowait(
+                            self.coordinator.deliver(
                                 sm.Refuse(
                                     rank,
                                     session,
@@ -226,8 +225,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                         a = msg.ack
                         submit(sm.Acked(rank, session, a.epoch, a.op_id, a.command_id, reply))
                     case "hello":
-                        self.coordinator.metrics.observe_refused(sm.Code.INVALID_ARGUMENT)
-                        channel.outbox.put_nowait(
+                        self.coordinator.deliver(
                             sm.Refuse(
                                 rank,
                                 session,

@@ -634,7 +634,7 @@ class RecoveryStateMachine:
                 self.ranks[rank] = RankView(failed=True)
                 self._emit(RankFailed(rank, "lease gone while no coordinator ran", None, now))
         op = record.operation
-        if op is not None:
+        if op is not None and self.members:
             self.op = Operation(
                 op_id=op.op_id,
                 kind=op.kind,
@@ -646,13 +646,9 @@ class RecoveryStateMachine:
                 step=op.step,
                 step_started_at=now,
             )
-            if not self.members:
-                self.phase = Phase.FORMING
-                self.ranks = {}
-                self.op = None
-            else:
-                self._abandon(f"coordinator restarted during {record.phase}")
-        elif self.members:
+            self._abandon(f"coordinator restarted during {record.phase}")
+        else:
+            # Idle, or a formation that never committed: founders register anew.
             self.phase = self._idle_phase()
         self._maybe_start_operation()
         if not any(isinstance(a, PhaseEntered) for a in self._out):

@@ -199,6 +199,19 @@ class ThreadRank:
             raise self.error
 
 
+def coordinator_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without EP_COORDINATOR_* or systemd variables,
+    plus `overrides`: what a coordinator started by a test sees."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("EP_COORDINATOR_")
+        and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    }
+    env.update(overrides)
+    return env
+
+
 class CoordinatorProcess:
     def __init__(self, workdir: Path, cluster: str, world_size: int, etcd: str, *extra: str):
         self.proxies: dict[int, TcpProxy] = {}

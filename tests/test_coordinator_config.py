@@ -22,21 +22,10 @@ import yaml
 
 from coordinator.config import CoordinatorConfig
 from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc
+from tests.agent_harness import coordinator_env
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "deploy" / "examples" / "coordinator.yaml"
-
-
-def clean_env(**overrides: str) -> dict[str, str]:
-    """This process's environment without EP_COORDINATOR_* or systemd variables."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("EP_COORDINATOR_")
-        and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-    }
-    env.update(overrides)
-    return env
 
 
 def coordinator(
@@ -47,7 +36,7 @@ def coordinator(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=clean_env() if env is None else env,
+        env=coordinator_env() if env is None else env,
         cwd=ROOT,
     )
 
@@ -134,7 +123,7 @@ def test_check_config_missing_file(tmp_path: Path) -> None:
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("cluster: c1\nworld_size: 4\n")
-    env = clean_env(EP_COORDINATOR_WORLD_SIZE="7", EP_COORDINATOR_LOG_LEVEL="debug")
+    env = coordinator_env(EP_COORDINATOR_WORLD_SIZE="7", EP_COORDINATOR_LOG_LEVEL="debug")
     result = coordinator("check-config", str(path), "--format", "json", env=env)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -146,11 +135,13 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
 def test_bad_or_unknown_environment_is_named(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("cluster: c1\nworld_size: 4\n")
-    bad = coordinator("check-config", str(path), env=clean_env(EP_COORDINATOR_WORLD_SIZE="x"))
+    bad = coordinator("check-config", str(path), env=coordinator_env(EP_COORDINATOR_WORLD_SIZE="x"))
     assert bad.returncode == 2
     assert "EP_COORDINATOR_WORLD_SIZE" in bad.stderr
     assert "invalid world_size" in bad.stderr
-    unknown = coordinator("check-config", str(path), env=clean_env(EP_COORDINATOR_WORLDSIZE="4"))
+    unknown = coordinator(
+        "check-config", str(path), env=coordinator_env(EP_COORDINATOR_WORLDSIZE="4")
+    )
     assert unknown.returncode == 2
     assert "EP_COORDINATOR_WORLDSIZE" in unknown.stderr
     assert "world_size" in unknown.stderr
@@ -160,7 +151,7 @@ def test_flag_overrides_the_environment(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("cluster: c1\nworld_size: 4\n")
     # A bad flag over a good environment value: the flag is what is used, and refused.
-    env = clean_env(EP_COORDINATOR_WORLD_SIZE="4")
+    env = coordinator_env(EP_COORDINATOR_WORLD_SIZE="4")
     result = coordinator("--config", str(path), "--world-size", "0", env=env)
     assert result.returncode == 2
     assert "--world-size" in result.stderr
@@ -205,7 +196,7 @@ def test_daemon_runs_with_all_layers(tmp_path: Path, etcd: str, cluster_name: st
         f"cluster: {cluster_name}\nworld_size: 2\netcd: '127.0.0.1:1'\nlisten: '127.0.0.1:0'\n"
     )
     ready = tmp_path / "ready.json"
-    env = clean_env(EP_COORDINATOR_ETCD=etcd, EP_COORDINATOR_WORLD_SIZE="0")
+    env = coordinator_env(EP_COORDINATOR_ETCD=etcd, EP_COORDINATOR_WORLD_SIZE="0")
     args = ["--config", str(path), "--world-size", "3", "--ready-file", str(ready)]
     with running(args, env, ready):
         port = json.loads(ready.read_text())["listen_port"]

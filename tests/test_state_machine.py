@@ -244,6 +244,15 @@ class Driver:
         resumes = sent(self.ack_all(rebuilds, lambda s: GroupsReady()), Resume)
         self.ack_all(resumes, lambda s: Resumed())
 
+    def pause_for(self, rank: int) -> list[Send]:
+        """Lose `rank`, shrink, rejoin it, and stop where the survivors are told
+        to hold (PAUSING); the Hold orders."""
+        self.shrink(self.kill(rank), lambda s: 7)
+        self.register(rank, rejoin=True)
+        holds = sent(self.handle(JoinerReady(rank, self.sessions[rank])), Hold)
+        assert holds and self.machine.phase == Phase.PAUSING
+        return holds
+
     def grow(self, rank: int) -> dict[type[Any], list[Send]]:
         """Rejoin `rank` and carry the grow through; the sends of each step."""
         steps: dict[type[Any], list[Send]] = {}
@@ -396,9 +405,7 @@ def test_a_survivor_silent_past_the_pause_deadline_is_declared_hung() -> None:
     # back, and the others rebuild without it.
     d = Driver(4)
     d.form()
-    d.shrink(d.kill(3), lambda s: 7)
-    d.register(3, rejoin=True)
-    holds = sent(d.handle(JoinerReady(3, d.sessions[3])), Hold)
+    holds = d.pause_for(3)
     target = holds[0].command.iteration
     for send in holds:
         if send.rank != 2:
@@ -466,9 +473,7 @@ def test_a_new_coordinator_takes_over_a_steady_cluster_without_a_recovery() -> N
 def test_a_new_coordinator_rolls_back_an_admission_in_flight_under_its_id() -> None:
     d = Driver(4)
     d.form()
-    d.shrink(d.kill(3), lambda s: 7)
-    d.register(3, rejoin=True)
-    holds = sent(d.handle(JoinerReady(3, d.sessions[3])), Hold)
+    holds = d.pause_for(3)
     op_id = holds[0].op_id
     assert d.persisted.phase == Phase.PAUSING
     out = _take_over(d, [0, 1, 2, 3])
@@ -512,9 +517,7 @@ def _admin(d: Driver, request_id: str, command: Any) -> tuple[AdminAnswered, lis
 def test_an_operator_aborts_an_admission_and_a_retry_changes_nothing() -> None:
     d = Driver(4)
     d.form()
-    d.shrink(d.kill(3), lambda s: 7)
-    d.register(3, rejoin=True)
-    holds = sent(d.handle(JoinerReady(3, d.sessions[3])), Hold)
+    holds = d.pause_for(3)
     op_id = holds[0].op_id
     answer, _ = _admin(d, "r1", SetAutoRejoin(False))
     assert answer.code is None and d.persisted.auto_rejoin is False

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.systemd_notify import SystemdNotifier, socket_address, watchdog_interval_s
-from tests.agent_harness import ThreadRank
+from tests.agent_harness import ThreadRank, coordinator_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STEADY = re.compile(r"STATUS=role=leader phase=steady epoch=[1-9][0-9]*")
@@ -70,17 +70,6 @@ def listener(tmp_path: Path) -> Iterator[tuple[NotifyListener, str]]:
         path.unlink(missing_ok=True)
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("EP_COORDINATOR_")
-        and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-    }
-    env.update(extra)
-    return env
-
-
 def test_daemon_notifies_ready_status_watchdog_and_stopping(
     listener: tuple[NotifyListener, str], tmp_path: Path, etcd: str, cluster_name: str
 ) -> None:
@@ -94,7 +83,7 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(
         "--ready-file", str(ready_file),
     ]  # fmt: skip
     # 200 ms watchdog: pings every 100 ms.
-    env = child_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="200000")
+    env = coordinator_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="200000")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
         server.wait_for(lambda: "READY=1" in server.lines(), 30, "READY=1")
@@ -140,7 +129,7 @@ def test_daemon_skips_a_watchdog_meant_for_another_pid(
         "--cluster", cluster_name, "--world-size", "2",
         "--listen", "127.0.0.1:0", "--etcd", etcd,
     ]  # fmt: skip
-    env = child_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="100000", WATCHDOG_PID="1")
+    env = coordinator_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="100000", WATCHDOG_PID="1")
     proc = subprocess.Popen(
         argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT
     )
