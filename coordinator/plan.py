@@ -55,16 +55,31 @@ def transfer_plan(
 @dataclass(frozen=True)
 class ProgressSample:
     iteration: int
-    at: float
+    at: float  # the coordinator's clock when the report arrived
     rate: float  # iterations per second, 0 while unknown
+    rank_clock: float | None = None  # the rank's clock when it read `iteration`
 
 
-def next_sample(previous: ProgressSample | None, iteration: int, at: float) -> ProgressSample:
-    if previous is None or at <= previous.at or iteration < previous.iteration:
-        return ProgressSample(iteration, at, previous.rate if previous else 0.0)
-    instant = (iteration - previous.iteration) / (at - previous.at)
-    rate = instant if previous.rate == 0.0 else 0.5 * previous.rate + 0.5 * instant
-    return ProgressSample(iteration, at, rate)
+def next_sample(
+    previous: ProgressSample | None, iteration: int, at: float, rank_clock: float | None = None
+) -> ProgressSample:
+    """The rank's progress after one more report. The rate is measured on the
+    rank's clock: reports that queued up in transit (a loaded host, a slow
+    network) arrive microseconds apart, and their arrival times would give a
+    rate thousands of times too high, and a hold target the ranks take minutes
+    to reach. A report without the rank's clock (a PastTarget answer) keeps
+    the rate it had."""
+    rate = previous.rate if previous else 0.0
+    if (
+        previous is not None
+        and rank_clock is not None
+        and previous.rank_clock is not None
+        and rank_clock > previous.rank_clock
+        and iteration >= previous.iteration
+    ):
+        instant = (iteration - previous.iteration) / (rank_clock - previous.rank_clock)
+        rate = instant if rate == 0.0 else 0.5 * rate + 0.5 * instant
+    return ProgressSample(iteration, at, rate, rank_clock)
 
 
 def hold_target(

@@ -202,7 +202,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     break
                 match msg.WhichOneof("body"):
                     case "progress":
-                        submit(sm.ProgressReported(rank, session, msg.progress.iteration))
+                        p = msg.progress
+                        clock = p.rank_clock_ms / 1000.0 if p.rank_clock_ms > 0 else None
+                        submit(sm.ProgressReported(rank, session, p.iteration, clock))
                     case "ready":
                         submit(sm.JoinerReady(rank, session))
                     case "step_failed":

@@ -150,6 +150,7 @@ class ProgressReported:
     rank: int
     session: str
     iteration: int
+    rank_clock: float | None = None  # the rank's monotonic clock, seconds
 
 
 @dataclass(frozen=True)
@@ -816,7 +817,7 @@ class RecoveryStateMachine:
     def _on_progress(self, ev: ProgressReported) -> None:
         view = self._current(ev.rank, ev.session)
         if view is not None:
-            view.progress = next_sample(view.progress, ev.iteration, self._now)
+            view.progress = next_sample(view.progress, ev.iteration, self._now, ev.rank_clock)
 
     def _on_step_failed(self, ev: StepFailed) -> None:
         if self._current(ev.rank, ev.session) is None or ev.epoch != self.epoch:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from coordinator.plan import PlanError, ProgressSample, hold_target, transfer_plan
+from coordinator.plan import PlanError, ProgressSample, hold_target, next_sample, transfer_plan
 from protos.types import Placement, TransferPlan
 
 # --- placements -------------------------------------------------------------------
@@ -334,3 +334,49 @@ def test_hold_target_worked_example() -> None:
     assert hold_target(samples, 1.5, 0.25, attempt=1) == 58 + 8
     # Nothing known about the rate: the minimum margin of 2.
     assert hold_target({0: ProgressSample(7, 0.0, 0.0)}, 3.0, 0.25) == 9
+
+
+# --- next_sample ------------------------------------------------------------------
+
+
+def test_rate_is_measured_on_the_ranks_clock_not_on_arrival() -> None:
+    # A rank at 500 it/s reports every 50 ms; on a loaded host the reports
+    # queue up and arrive 0.1 ms apart. Arrival times would say 250,000 it/s
+    # and a hold target minutes away (the CI failure this test keeps fixed).
+    sample = None
+    for k in range(6):
+        sample = next_sample(sample, 1000 + 25 * k, at=7.0 + 0.0001 * k, rank_clock=100 + 0.05 * k)
+    assert sample is not None and sample.rate == pytest.approx(500.0)
+    assert hold_target({0: sample}, now=7.001, lead_s=0.1) < sample.iteration + 60
+
+
+def test_a_report_without_the_ranks_clock_keeps_the_rate() -> None:
+    first = next_sample(None, 10, at=1.0, rank_clock=50.0)
+    second = next_sample(first, 20, at=1.1, rank_clock=50.1)
+    assert second.rate == pytest.approx(100.0)
+    # A PastTarget answer carries no clock; a reset goes backwards.
+    past = next_sample(second, 90, at=1.15)
+    assert (past.iteration, past.rate, past.rank_clock) == (90, second.rate, None)
+    reset = next_sample(second, 3, at=1.2, rank_clock=50.2)
+    assert (reset.iteration, reset.rate) == (3, second.rate)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 100), st.floats(0.0, 1.0), st.floats(1e-3, 1.0)),
+        min_size=2,
+        max_size=20,
+    )
+)
+def test_rate_never_exceeds_the_fastest_interval_on_the_ranks_clock(
+    steps: list[tuple[int, float, float]],
+) -> None:
+    # Whatever the arrival times, the rate is an average of per-interval rates.
+    sample = next_sample(None, 0, at=0.0, rank_clock=0.0)
+    iteration, at, clock, fastest = 0, 0.0, 0.0, 0.0
+    for advance, arrival_gap, clock_gap in steps:
+        iteration, at, clock = iteration + advance, at + arrival_gap, clock + clock_gap
+        fastest = max(fastest, advance / clock_gap)
+        sample = next_sample(sample, iteration, at, clock)
+    assert 0.0 <= sample.rate <= fastest + 1e-9

@@ -221,7 +221,7 @@ class Driver:
         return out
 
     def progress(self, rank: int, iteration: int) -> list[Action]:
-        return self.handle(ProgressReported(rank, self.sessions[rank], iteration))
+        return self.handle(ProgressReported(rank, self.sessions[rank], iteration, self.now))
 
     def form(self) -> None:
         out: list[Action] = []
@@ -1303,7 +1303,9 @@ class ClusterSim(RuleBasedStateMachine):
         else:
             proc.iteration += k
         if report:
-            self._to_coordinator(proc, ProgressReported(proc.rank, proc.session, proc.iteration))
+            self._to_coordinator(
+                proc, ProgressReported(proc.rank, proc.session, proc.iteration, self.now)
+            )
         return True
 
     def _die(self, proc: Proc, drop: bool, session_closed: bool = True) -> None:
@@ -1593,7 +1595,7 @@ class ClusterSim(RuleBasedStateMachine):
         running = [p for p in self.procs.values() if p.alive and p.mode != "waiting"]
         if running:
             p = running[i % len(running)]
-            self._to_coordinator(p, ProgressReported(p.rank, p.session, p.iteration))
+            self._to_coordinator(p, ProgressReported(p.rank, p.session, p.iteration, self.now))
 
     # --- rules: faults -----------------------------------------------------------------
 

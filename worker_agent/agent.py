@@ -479,9 +479,10 @@ class WorkerAgent:
             iteration = self._iteration
             if iteration != last:
                 last = iteration
-                self._send(
-                    worker_pb2.WorkerMessage(progress=worker_pb2.Progress(iteration=iteration))
+                progress = worker_pb2.Progress(
+                    iteration=iteration, rank_clock_ms=time.monotonic() * 1000.0
                 )
+                self._send(worker_pb2.WorkerMessage(progress=progress))
             await asyncio.sleep(self._progress_interval_s)
 
     def _on_command(self, cmd: worker_pb2.Command) -> None:

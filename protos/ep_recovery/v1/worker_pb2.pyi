@@ -50,10 +50,12 @@ class Hello(_message.Message):
     def __init__(self, cluster: _Optional[str] = ..., rank: _Optional[int] = ..., fingerprint: _Optional[str] = ..., lease_id: _Optional[int] = ..., rejoin: _Optional[bool] = ..., incarnation: _Optional[str] = ..., placement: _Optional[_Union[_common_pb2.Placement, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("iteration",)
+    __slots__ = ("iteration", "rank_clock_ms")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
+    RANK_CLOCK_MS_FIELD_NUMBER: _ClassVar[int]
     iteration: int
-    def __init__(self, iteration: _Optional[int] = ...) -> None: ...
+    rank_clock_ms: float
+    def __init__(self, iteration: _Optional[int] = ..., rank_clock_ms: _Optional[float] = ...) -> None: ...
 
 class JoinerReady(_message.Message):
     __slots__ = ("epoch", "op_id")
