@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: not served)",
     )
     p.add_argument(
+        "--advertise-host",
+        help="host agents reach this coordinator on, written to the leader key "
+        "(default: the listen host, or this host's name on 0.0.0.0)",
+    )
+    p.add_argument(
+        "--leader-ttl-s",
+        type=int,
+        help=f"leader lease TTL: how soon a standby takes over {_default('leader_ttl_s')}",
+    )
+    p.add_argument(
         "--store-host", help=f"address ranks reach the store on {_default('store_host')}"
     )
     p.add_argument("--store-port", type=int, help="rendezvous store port (default: 0, free)")
@@ -143,18 +153,27 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_run(config, args.ready_file))
 
 
-ROLE = "leader"  # one coordinator today; the standby comes with HA
+# Leadership was lost (a fenced write refused, or the leader lease expired):
+# the process exits with this code and its supervisor restarts it as a standby.
+EXIT_DEPOSED = 3
 
 
 def status_line(phase: str, epoch: int) -> str:
-    """The systemd STATUS= text: role, phase and epoch."""
-    return f"role={ROLE} phase={phase} epoch={epoch}"
+    """The leader's systemd STATUS= text: role, phase and epoch."""
+    return f"role=leader phase={phase} epoch={epoch}"
+
+
+def _write_ready_file(path: Path, values: dict[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), **values}))
+    tmp.replace(path)
 
 
 async def _run(config: CoordinatorConfig, ready_file: Path | None) -> int:
     import aetcd.exceptions
 
     from coordinator import state_machine as sm
+    from coordinator.election import Deposed
     from coordinator.runtime import Coordinator, serve
 
     notifier = SystemdNotifier.from_environ()
@@ -163,29 +182,37 @@ async def _run(config: CoordinatorConfig, ready_file: Path | None) -> int:
     def on_phase(entered: sm.PhaseEntered) -> None:
         notifier.status(status_line(entered.phase, entered.epoch))
 
-    def on_ready(coordinator: Coordinator) -> None:
+    role = "standby"
+
+    def on_standby(holder: dict[str, object]) -> None:
         if ready_file is not None:
-            tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "pid": os.getpid(),
-                        "listen_port": coordinator.listen_port,
-                        "store_port": coordinator.store_port,
-                        "metrics_port": coordinator.metrics_port,
-                    }
-                )
+            _write_ready_file(ready_file, {"role": "standby", "leader": holder})
+        # Ready as a standby too: systemd must not time the start out while
+        # another coordinator leads for days.
+        notifier.ready(f"role=standby leader={holder.get('endpoint', '')}")
+
+    def on_ready(coordinator: Coordinator) -> None:
+        nonlocal role
+        role = "leader"
+        if ready_file is not None:
+            _write_ready_file(
+                ready_file,
+                {
+                    "role": "leader",
+                    "listen_port": coordinator.listen_port,
+                    "store_port": coordinator.store_port,
+                    "metrics_port": coordinator.metrics_port,
+                },
             )
-            tmp.replace(ready_file)
         coordinator.phase_hooks.append(on_phase)
         machine = coordinator.machine
         notifier.ready(status_line(machine.phase, machine.epoch))
 
-    task = asyncio.create_task(serve(config, on_ready))
+    task = asyncio.create_task(serve(config, on_ready, on_standby))
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
-        notifier.stopping(f"role={ROLE} phase=stopping")
+        notifier.stopping(f"role={role} phase=stopping")
         task.cancel()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -195,6 +222,10 @@ async def _run(config: CoordinatorConfig, ready_file: Path | None) -> int:
     except asyncio.CancelledError:
         log.info("stopped", extra=fields(cluster=config.cluster))
         return 0
+    except Deposed as exc:
+        log.error("stepped down", extra=fields(cluster=config.cluster, reason=str(exc)))
+        notifier.status(f"role=deposed reason={exc}")
+        return EXIT_DEPOSED
     except (OSError, ValueError, aetcd.exceptions.ConnectionFailedError) as exc:
         log.error("cannot serve", extra=fields(error=str(exc), etcd=config.etcd))
         notifier.status(f"cannot serve: {exc}")

@@ -38,6 +38,18 @@ class CoordinatorConfig(BaseModel):
     metrics_listen: str = Field(
         default="", description="Prometheus /metrics address (host:port); empty: not served"
     )
+    advertise_host: str = Field(
+        default="",
+        description="host agents reach this coordinator on (written to the leader key); "
+        "empty: the listen host, or this host's name when listening on every interface",
+    )
+    leader_ttl_s: int = Field(
+        default=5,
+        ge=1,
+        le=300,
+        description="leader lease TTL: how soon a standby takes over from a leader that "
+        "died, and how long a leader cut off from etcd keeps leading",
+    )
     store_host: str = Field(
         default="127.0.0.1",
         description="address ranks use to reach the rendezvous store this daemon hosts",

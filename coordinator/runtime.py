@@ -3,6 +3,12 @@
 All state changes go through one dispatch task: it takes an event, lets the
 machine decide, writes the new record to etcd, and only then hands commands to
 the sessions (write-ahead: what a rank is told is never ahead of what etcd says).
+
+Only the leader runs a Coordinator (coordinator.election). Each record write is
+fenced by the leader key; a write the fence refuses, or etcd unreachable for
+longer than the leader lease, deposes this coordinator: it stops dispatching
+and `serve` returns by raising Deposed, for the process to exit and its
+supervisor to restart it as a standby.
 """
 
 from __future__ import annotations
@@ -10,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +30,9 @@ import torch.distributed as dist
 
 from coordinator import etcd_keys
 from coordinator import state_machine as sm
-from coordinator.cluster_store import ClusterStore
+from coordinator.cluster_store import ClusterStore, StaleWrite
 from coordinator.config import CoordinatorConfig, split_host_port
+from coordinator.election import Deposed, LeaderLease, campaign
 from coordinator.logs import fields
 from coordinator.membership import LeaseWatcher
 from coordinator.metrics import CoordinatorMetrics, bound_port, start_metrics_server
@@ -37,6 +47,9 @@ ADMIN_TIMEOUT_S = 10.0
 TICK_S = 0.25
 # How long a scrape waits for the transition being carried out (see render_metrics).
 METRICS_LOCK_WAIT_S = 1.0
+# A record write that etcd did not take is retried this often until the leader
+# lease would have expired; then this coordinator steps down.
+PERSIST_RETRY_S = 0.1
 
 
 @dataclass
@@ -63,8 +76,14 @@ class History:
 
 
 class Coordinator:
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(self, config: CoordinatorConfig, leader: LeaderLease | None = None) -> None:
+        """`leader`: the leadership this coordinator holds; its fence guards every
+        record write. None only where no election runs (unit tests)."""
         self.config = config
+        self.leader = leader
+        # Set (with the reason) once this coordinator must stop acting.
+        self.deposed = asyncio.Event()
+        self.deposed_reason = ""
         self.machine = sm.RecoveryStateMachine(
             config.cluster,
             config.world_size,
@@ -98,7 +117,7 @@ class Coordinator:
 
     async def start(self) -> None:
         host, port = split_host_port(self.config.etcd)
-        self._etcd = aetcd.Client(host=host, port=port)
+        self._etcd = etcd_keys.new_client(host, port)
         await self._etcd.connect()
         self._cluster_store = ClusterStore(self._etcd, self.config.cluster)
         # The rendezvous store lives here, never on a rank: a dead store host
@@ -131,7 +150,7 @@ class Coordinator:
         raw, _ = await self._cluster_store.load()
         record = sm.ClusterRecord.from_json(raw) if raw is not None else None
         if record is None or not record.members:
-            await self._persist(self.machine.record())
+            await self._apply(self.machine.start(time.monotonic()))
             return
         live: dict[int, tuple[str, int]] = {}
         for kv in await self._etcd.get_prefix(etcd_keys.ranks_prefix(self.config.cluster)):
@@ -191,8 +210,19 @@ class Coordinator:
             async with self.dispatch_lock:
                 try:
                     await self._apply(self.machine.handle(event, time.monotonic()))
+                except Deposed as exc:
+                    # Nothing of this transition was carried out: the new
+                    # leader goes on from the last record that was written.
+                    self.step_down(str(exc))
+                    return
                 except Exception:
                     log.exception("dispatch failed", extra=fields(event=repr(event)))
+
+    def step_down(self, reason: str) -> None:
+        if not self.deposed.is_set():
+            self.deposed_reason = reason
+            self.deposed.set()
+            log.error("stepping down", extra=fields(cluster=self.config.cluster, reason=reason))
 
     async def _apply(self, actions: list[sm.Action]) -> None:
         """Persist the newest record among `actions` first, then carry them out."""
@@ -220,8 +250,39 @@ class Coordinator:
             await watcher.close()
 
     async def _persist(self, record: sm.ClusterRecord) -> None:
+        """Write the record, fenced by the leader key. Deposed when the fence
+        fails or etcd takes no write for as long as the leader lease lasts:
+        by then a standby may lead, and nothing may be carried out here."""
         assert self._cluster_store is not None
-        await self._cluster_store.save(record.to_json())
+        raw = record.to_json()
+        give_up_at = time.monotonic() + (self.leader.ttl if self.leader else ADMIN_TIMEOUT_S)
+        failures = 0
+        while True:
+            if self.leader is not None and self.leader.lost.is_set():
+                raise Deposed(f"leader lease lost: {self.leader.lost_reason}")
+            fence = self.leader.fence() if self.leader is not None else []
+            try:
+                await asyncio.wait_for(
+                    self._cluster_store.save(raw, extra_compares=fence),
+                    max(0.0, give_up_at - time.monotonic()),
+                )
+                return
+            except StaleWrite as exc:
+                raise Deposed(f"fenced write refused: {exc}") from exc
+            except (TimeoutError, aetcd.ClientError) as exc:
+                failures += 1
+                if time.monotonic() >= give_up_at:
+                    raise Deposed(
+                        f"etcd took no write of the cluster record for "
+                        f"{self.leader.ttl if self.leader else ADMIN_TIMEOUT_S} s "
+                        f"({failures} tries): {exc!r}"
+                    ) from exc
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "cluster record write failed, retrying",
+                    extra=fields(failures=failures, error=repr(exc)),
+                )
+                await asyncio.sleep(PERSIST_RETRY_S)
 
     # --- actions out ----------------------------------------------------------
 
@@ -326,11 +387,54 @@ class Coordinator:
         return self.metrics.render(accept)
 
 
+def advertised_endpoint(config: CoordinatorConfig, port: int) -> str:
+    """Where agents reach this coordinator: `advertise_host` if set, else the
+    listen host, or this host's name when listening on every interface."""
+    host = config.advertise_host or split_host_port(config.listen)[0]
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def serve(
-    config: CoordinatorConfig, on_ready: Callable[[Coordinator], None] | None = None
+    config: CoordinatorConfig,
+    on_ready: Callable[[Coordinator], None] | None = None,
+    on_standby: Callable[[dict[str, object]], None] | None = None,
 ) -> None:
-    """Run the daemon until cancelled; `on_ready` is called once it serves."""
-    coordinator = Coordinator(config)
+    """Run the daemon until cancelled: stand by while another coordinator
+    leads, then lead. `on_standby` is called with the leader's key value each
+    time a new leader is seen, `on_ready` once this one leads and serves.
+    Raises Deposed when leadership is lost."""
+    host, port = split_host_port(config.etcd)
+    identity = {"id": uuid.uuid4().hex[:12], "pid": os.getpid(), "host": socket.gethostname()}
+    watcher = etcd_keys.new_client(host, port)
+    try:
+        leader = await campaign(
+            lambda: LeaderLease(
+                host, port, config.cluster, ttl=config.leader_ttl_s, identity=identity
+            ),
+            watcher,
+            on_standby=on_standby,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.close()
+    log.info(
+        "leading",
+        extra=fields(cluster=config.cluster, id=identity["id"], fence=leader.fence_revision),
+    )
+    try:
+        await _lead(config, leader, on_ready)
+    finally:
+        await leader.stop()  # revoked: a standby takes over now, not a TTL later
+
+
+async def _lead(
+    config: CoordinatorConfig,
+    leader: LeaderLease,
+    on_ready: Callable[[Coordinator], None] | None,
+) -> None:
+    coordinator = Coordinator(config, leader)
     await coordinator.start()
     server = grpc.aio.server()
     health = add_services(server, coordinator)
@@ -342,7 +446,7 @@ async def serve(
         await coordinator.stop()
         raise OSError(f"cannot listen on {config.listen}")
     # Serving from the first RPC on: etcd answered in start(), and this
-    # coordinator is the leader (the only one, until HA).
+    # coordinator leads.
     await set_serving(health, True)
     await server.start()
     coordinator.listen_port = bound
@@ -357,9 +461,25 @@ async def serve(
             except OSError as exc:
                 raise OSError(f"cannot serve metrics on {config.metrics_listen}: {exc}") from exc
             coordinator.metrics_port = bound_port(metrics_server)
+        # Agents find the coordinator here (worker_agent.agent).
+        await leader.announce(endpoint=advertised_endpoint(config, bound))
         if on_ready is not None:
             on_ready(coordinator)
-        await server.wait_for_termination()
+        # Until cancelled (a signal) or deposed. Not server.wait_for_termination():
+        # cancelling it cancels the server's own shutdown future.
+        ended = {
+            asyncio.create_task(coordinator.deposed.wait()),
+            asyncio.create_task(leader.lost.wait()),
+        }
+        try:
+            await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in ended:
+                task.cancel()
+        if leader.lost.is_set():
+            coordinator.step_down(f"leader lease lost: {leader.lost_reason}")
+        if coordinator.deposed.is_set():
+            raise Deposed(coordinator.deposed_reason)
     finally:
         # Health watchers (load balancers) hear NOT_SERVING before the server goes.
         await set_serving(health, False)

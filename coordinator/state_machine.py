@@ -552,6 +552,14 @@ class RecoveryStateMachine:
 
     # --- public -------------------------------------------------------------
 
+    def start(self, now: float) -> list[Action]:
+        """A cluster with no persisted record: the first record to write."""
+        self._now = now
+        self._out = []
+        self._persist_if_changed()
+        out, self._out = self._out, []
+        return out
+
     def handle(self, event: Event, now: float) -> list[Action]:
         self._now = now
         self._out = []

@@ -213,7 +213,18 @@ def coordinator_env(**overrides: str) -> dict[str, str]:
 
 
 class CoordinatorProcess:
-    def __init__(self, workdir: Path, cluster: str, world_size: int, etcd: str, *extra: str):
+    """An `ep-coordinator` process. It must lead within 30 s, or with
+    `standby=True` stand by (then `wait_leader()` once it should lead)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        cluster: str,
+        world_size: int,
+        etcd: str,
+        *extra: str,
+        standby: bool = False,
+    ):
         self.proxies: dict[int, TcpProxy] = {}
         self.ready_file = workdir / f"{cluster}-coordinator.json"
         self.log = (workdir / f"{cluster}-coordinator.log").open("w")
@@ -224,10 +235,29 @@ class CoordinatorProcess:
             "--ready-file", str(self.ready_file), *extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(lambda: self.ready_file.exists() or self.proc.poll() is not None, 30, "ready")
+        self._channel: grpc.Channel | None = None
+        if standby:
+            self._wait_role("standby", 30)
+        else:
+            self.wait_leader(30)
+
+    def role(self) -> str:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return str(json.loads(self.ready_file.read_text()).get("role", ""))
+        return ""
+
+    def _wait_role(self, role: str, timeout_s: float) -> dict[str, object]:
+        wait_until(
+            lambda: self.proc.poll() is not None or self.role() == role,
+            timeout_s,
+            f"the coordinator to be {role}",
+        )
         if self.proc.poll() is not None:
-            raise AssertionError(f"coordinator exited: {(workdir / self.log.name).read_text()}")
-        info = json.loads(self.ready_file.read_text())
+            raise AssertionError(f"coordinator exited: {Path(self.log.name).read_text()}")
+        return dict(json.loads(self.ready_file.read_text()))
+
+    def wait_leader(self, timeout_s: float = 30) -> None:
+        info = self._wait_role("leader", timeout_s)
         self.endpoint = f"127.0.0.1:{info['listen_port']}"
         self._channel = grpc.insecure_channel(self.endpoint)
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
@@ -244,7 +274,8 @@ class CoordinatorProcess:
         return common_pb2.Phase.Name(self.status().phase).removeprefix("PHASE_").lower()
 
     def stop(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
             try:

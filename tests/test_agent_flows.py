@@ -290,14 +290,17 @@ def test_a_restarted_coordinator_takes_over_without_restarting_a_rank(
     # does): it reads the persisted record, the agents reconnect with their
     # process and lease intact, and the cluster goes on in the same epoch.
     listen = ("--listen", f"127.0.0.1:{free_port}")
-    with thread_cluster(tmp_path, etcd, cluster_name, WORLD, *listen) as (coord, ranks):
+    ttl = ("--leader-ttl-s", "2")
+    with thread_cluster(tmp_path, etcd, cluster_name, WORLD, *listen, *ttl) as (coord, ranks):
         epoch = coord.status().epoch
         coord.proc.kill()
         coord.proc.wait()
         second_dir = tmp_path / "second"
         second_dir.mkdir()
+        # The first one's leader key outlives it by its lease TTL (2 s here):
+        # the second stands by until then.
         second = CoordinatorProcess(
-            second_dir, cluster_name, WORLD, etcd, "--group-timeout-s", "5", *listen
+            second_dir, cluster_name, WORLD, etcd, "--group-timeout-s", "5", *listen, *ttl
         )
         try:
             status = second.status()

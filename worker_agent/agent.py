@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 import grpc
 import torch.distributed as dist
 
+from coordinator.election import read_leader
 from coordinator.logs import fields
 from protos.ep_recovery.v1 import worker_pb2, worker_pb2_grpc
 from protos.types import Placement, TransferPlan
@@ -74,6 +75,8 @@ class AgentStopped(RuntimeError):
 class AgentConfig:
     cluster: str
     rank: int
+    # host:port of the coordinator; empty: the leader named in etcd, looked up
+    # again on every reconnect (so a standby that took over is found).
     coordinator: str
     etcd: str
     rejoin: bool = False
@@ -137,7 +140,7 @@ class WorkerAgent:
         if not self._welcomed.wait(self.config.connect_timeout_s):
             self.stop()
             raise TimeoutError(
-                f"no answer from coordinator {self.config.coordinator} "
+                f"no answer from coordinator {self.config.coordinator or '(leader in etcd)'} "
                 f"within {self.config.connect_timeout_s} s"
             )
         if self._start_error is not None:
@@ -371,7 +374,7 @@ class WorkerAgent:
         try:
             attempt = 0
             while not self._stopping.is_set():
-                session = asyncio.create_task(self._session(lease.lease_id))
+                session = asyncio.create_task(self._session(lease))
                 done, _ = await asyncio.wait({session, stop}, return_when=asyncio.FIRST_COMPLETED)
                 if stop in done:
                     session.cancel()
@@ -408,8 +411,25 @@ class WorkerAgent:
         log.error("lease lost", extra=fields(rank=self.config.rank))
         self._die("etcd lease lost: the coordinator will remove this rank")
 
-    async def _session(self, lease_id: int) -> None:
+    async def _coordinator_endpoint(self, lease: RankLease) -> str:
+        if self.config.coordinator:
+            return self.config.coordinator
+        leader = await read_leader(lease.client, self.config.cluster)
+        endpoint = str((leader or {}).get("endpoint", ""))
+        if not endpoint:
+            # Retried like a lost session: a leader is being elected.
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "no coordinator leads this cluster in etcd yet",
+            )
+        return endpoint
+
+    async def _session(self, lease: RankLease) -> None:
         assert self._outbox is not None
+        endpoint = await self._coordinator_endpoint(lease)
+        lease_id = lease.lease_id
         placement = self.adapter.placement()
         hello = worker_pb2.Hello(
             cluster=self.config.cluster,
@@ -420,7 +440,7 @@ class WorkerAgent:
             incarnation=self.incarnation,
             placement=placement.to_proto(),
         )
-        async with grpc.aio.insecure_channel(self.config.coordinator) as channel:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             call = stub.Session()
             await call.write(worker_pb2.WorkerMessage(hello=hello))

@@ -2,44 +2,25 @@
 long as this process keeps the lease alive.
 
 The coordinator watches the prefix: a DELETE of the key means the lease expired
-(the process died, hung or lost etcd) or was revoked (clean shutdown). The rank
-side must reach the same conclusion on its own: once a refresh says the lease
-is gone (TTL 0), or no refresh has succeeded for a whole TTL, the coordinator
-may already have removed the rank, so the lease is reported LOST (once) and the
-engine must stop serving. A lost lease is never re-granted here: a rank that
-comes back does so as a new incarnation, through the rejoin path.
+(the process died, hung or lost etcd) or was revoked (clean shutdown). Once the
+rank's own refreshes say the lease is lost, the coordinator may already have
+removed the rank, so the engine must stop serving; a rank that comes back does
+so as a new incarnation, through the rejoin path.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import os
-import socket
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import aetcd
-
 from coordinator import etcd_keys
-from coordinator.logs import fields
-
-log = logging.getLogger(__name__)
-
-# A failed refresh is retried this often (capped by ttl/3), so one dropped
-# packet does not eat a third of the TTL.
-RETRY_INTERVAL_S = 0.05
-REVOKE_TIMEOUT_S = 2.0
+from coordinator.leased_key import LeasedKey
 
 
-class RankLease:
-    """Grant a lease, put the rank key on it, keep it alive at ttl/3.
+class RankLease(LeasedKey):
+    """The rank key `/ep-recovery/{cluster}/ranks/{rank}` on a kept-alive lease."""
 
-    `on_lost` runs at most once, in the event loop, when the lease is lost; it
-    never runs after stop() began. `lost` is set at the same moment.
-    """
+    kind = "rank"
 
     def __init__(
         self,
@@ -53,196 +34,15 @@ class RankLease:
         on_lost: Callable[[], None] | None = None,
         start_timeout_s: float = 10.0,
     ) -> None:
-        if ttl < 1:
-            raise ValueError(f"lease ttl must be at least 1 s, got {ttl}")
-        self.host = host
-        self.port = port
+        super().__init__(
+            host,
+            port,
+            etcd_keys.rank_key(cluster, rank),
+            ttl=ttl,
+            value={**(value or {}), "rank": rank},
+            on_lost=on_lost,
+            start_timeout_s=start_timeout_s,
+            log_fields={"cluster": cluster, "rank": rank},
+        )
         self.cluster = cluster
         self.rank = rank
-        self.requested_ttl = ttl
-        self.key = etcd_keys.rank_key(cluster, rank)
-        self._value: dict[str, Any] = dict(value or {})
-        self._on_lost = on_lost
-        self.start_timeout_s = start_timeout_s
-        self.lost = asyncio.Event()
-        self.lost_reason = ""
-        self._client: aetcd.Client | None = None
-        self._lease_id: int | None = None
-        self._granted_ttl = 0
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-
-    # --- properties -----------------------------------------------------------
-
-    @property
-    def lease_id(self) -> int:
-        if self._lease_id is None:
-            raise RuntimeError("RankLease.start() has not completed")
-        return self._lease_id
-
-    @property
-    def ttl(self) -> int:
-        """The TTL etcd granted (it may round a short request up)."""
-        return self._granted_ttl
-
-    @property
-    def value(self) -> dict[str, Any]:
-        """What the rank key holds."""
-        return dict(self._value)
-
-    # --- lifecycle ------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Connect, grant, put the key on the lease and start the keepalive.
-        Raises aetcd's ClientError subclasses when etcd refuses or is down, and
-        TimeoutError when it does not answer within start_timeout_s."""
-        if self._client is not None:
-            raise RuntimeError("RankLease already started")
-        client = etcd_keys.new_client(self.host, self.port)
-        self._client = client
-        granted_at = time.monotonic()
-        try:
-            # aetcd calls have no deadline of their own; an etcd host that
-            # drops packets would hang the rank's startup.
-            await asyncio.wait_for(self._grant_and_put(client), self.start_timeout_s)
-        except BaseException:
-            await self._release()
-            raise
-        self._task = asyncio.create_task(
-            self._keepalive(granted_at + self._granted_ttl), name=f"lease-keepalive-r{self.rank}"
-        )
-        log.info(
-            "rank lease granted",
-            extra=fields(
-                cluster=self.cluster, rank=self.rank, lease_id=self._lease_id, ttl=self.ttl
-            ),
-        )
-
-    async def _grant_and_put(self, client: aetcd.Client) -> None:
-        lease = await client.lease(self.requested_ttl)
-        self._lease_id = int(lease.id)
-        self._granted_ttl = int(lease.ttl)
-        self._value.update(rank=self.rank, lease_id=self._lease_id)
-        self._value.setdefault("pid", os.getpid())
-        self._value.setdefault("host", socket.gethostname())
-        await client.put(self.key, etcd_keys.encode_rank_value(self._value), lease=lease.id)
-
-    async def stop(self) -> None:
-        """Stop refreshing and revoke the lease, so the coordinator sees the DELETE
-        at once instead of a TTL later. Idempotent; never raises for etcd errors."""
-        self._stopping = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._release()
-
-    async def wait_lost(self) -> str:
-        await self.lost.wait()
-        return self.lost_reason
-
-    # --- internals --------------------------------------------------------------
-
-    async def _release(self) -> None:
-        client, self._client = self._client, None
-        if client is None:
-            return
-        # Revoked even after a loss: when the loss was "no refresh got through",
-        # etcd may still hold the lease, and the sooner the key goes the better.
-        if self._lease_id is not None:
-            try:
-                await asyncio.wait_for(client.revoke_lease(self._lease_id), REVOKE_TIMEOUT_S)
-                log.info(
-                    "rank lease revoked",
-                    extra=fields(cluster=self.cluster, rank=self.rank, lease_id=self._lease_id),
-                )
-            except Exception as exc:
-                # Expired already ("lease not found"), or etcd is away: either
-                # way etcd drops the key within a TTL without us.
-                log.warning(
-                    "rank lease revoke failed",
-                    extra=fields(rank=self.rank, lease_id=self._lease_id, error=repr(exc)),
-                )
-        with contextlib.suppress(Exception):
-            await client.close()
-
-    async def _keepalive(self, expires_at: float) -> None:
-        try:
-            await self._refresh_until_lost(expires_at)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # A bug here must not leave the rank serving on a lease nobody
-            # refreshes: report it lost, loudly.
-            log.exception("rank lease keepalive crashed", extra=fields(rank=self.rank))
-            self._declare_lost(f"keepalive crashed: {exc!r}")
-
-    async def _refresh_until_lost(self, expires_at: float) -> None:
-        assert self._client is not None and self._lease_id is not None
-        client, lease_id = self._client, self._lease_id
-        interval = self._granted_ttl / 3
-        next_at = time.monotonic() + interval
-        failures = 0
-        while True:
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            sent_at = time.monotonic()
-            left = expires_at - sent_at
-            if left <= 0:
-                self._declare_lost(
-                    f"no successful refresh for {self._granted_ttl}s ({failures} failed)"
-                )
-                return
-            try:
-                # Bounded by the TTL left: a refresh answered later than that
-                # cannot save the lease anyway.
-                reply = await asyncio.wait_for(client.refresh_lease(lease_id), left)
-                if reply is None:
-                    raise aetcd.ClientError("keepalive stream closed without a reply")
-            except Exception as exc:
-                # aetcd maps gRPC errors to ClientError, but a closing channel
-                # can raise others; all mean "this refresh did not get through".
-                failures += 1
-                log.log(
-                    logging.WARNING if failures == 1 else logging.DEBUG,
-                    "rank lease refresh failed",
-                    extra=fields(
-                        rank=self.rank,
-                        lease_id=lease_id,
-                        left_s=round(left, 3),
-                        failures=failures,
-                        error=repr(exc),
-                    ),
-                )
-                next_at = time.monotonic() + min(interval, RETRY_INTERVAL_S)
-                continue
-            if reply.TTL <= 0:
-                self._declare_lost("etcd says the lease expired (refresh returned TTL 0)")
-                return
-            if failures:
-                log.info(
-                    "rank lease refresh recovered",
-                    extra=fields(rank=self.rank, lease_id=lease_id, failures=failures),
-                )
-                failures = 0
-            # The lease runs from when etcd handled the refresh, which is no
-            # earlier than when we sent it.
-            expires_at = sent_at + int(reply.TTL)
-            next_at = sent_at + interval
-
-    def _declare_lost(self, reason: str) -> None:
-        if self.lost.is_set() or self._stopping:
-            return
-        self.lost_reason = reason
-        self.lost.set()
-        log.error(
-            "rank lease lost",
-            extra=fields(
-                cluster=self.cluster, rank=self.rank, lease_id=self._lease_id, reason=reason
-            ),
-        )
-        if self._on_lost is not None:
-            try:
-                self._on_lost()
-            except Exception:
-                log.exception("on_lost callback failed", extra=fields(rank=self.rank))
