@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"limit for building an epoch's groups {_default('group_timeout_s')}",
     )
     p.add_argument(
+        "--hang-timeout-s",
+        type=float,
+        help="declare a member hung after its iteration stood still this long while its "
+        f"peers moved on or failed their step {_default('hang_timeout_s')}",
+    )
+    p.add_argument(
         "--auto-rejoin",
         action=argparse.BooleanOptionalAction,
         help="admit relaunched ranks (default: yes)",

@@ -62,6 +62,11 @@ class CoordinatorConfig(BaseModel):
     group_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     auto_rejoin: bool = True
     fingerprint: str = Field(default="", description="expected engine fingerprint; empty: first")
+    hang_timeout_s: Annotated[float, Field(gt=0, le=86400)] | None = Field(
+        default=30.0,
+        description="a member whose iteration stands still this long in steady state, while "
+        "its peers got further or failed their step, is declared hung; null: no check",
+    )
     phase_deadlines_s: dict[Phase, Annotated[float, Field(gt=0)] | None] = Field(
         default_factory=dict,
         description="per-phase limits overriding the defaults; null: no limit",

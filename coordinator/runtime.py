@@ -91,6 +91,7 @@ class Coordinator:
             auto_rejoin=config.auto_rejoin,
             hold_lead_s=config.hold_lead_s,
             deadlines_s=config.phase_deadlines_s,
+            hang_timeout_s=config.hang_timeout_s,
         )
         self.history = History()
         self.sessions: dict[str, SessionChannel] = {}

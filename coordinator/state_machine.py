@@ -52,6 +52,11 @@ class Phase(StrEnum):
 # for are declared failed (hung: alive by their lease, silent on the data
 # plane). None: no limit. `admitting` waits for a joiner loading its weights
 # while everyone serves; a joiner that dies there is found by its lease.
+# How long a member's iteration may stand still in steady state, while its
+# peers got further or failed their step, before it is declared hung. Longer
+# than any one iteration may take; None: no check.
+DEFAULT_HANG_TIMEOUT_S = 30.0
+
 DEFAULT_DEADLINES_S: dict[Phase, float | None] = {
     Phase.FORMING: 60.0,
     Phase.HALTING: 10.0,
@@ -522,6 +527,7 @@ class RecoveryStateMachine:
         auto_rejoin: bool = True,
         hold_lead_s: float = 0.05,
         deadlines_s: Mapping[Phase, float | None] | None = None,
+        hang_timeout_s: float | None = DEFAULT_HANG_TIMEOUT_S,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -531,6 +537,10 @@ class RecoveryStateMachine:
         self.auto_rejoin = auto_rejoin
         self.hold_lead_s = hold_lead_s
         self.deadlines_s = {**DEFAULT_DEADLINES_S, **(deadlines_s or {})}
+        self.hang_timeout_s = hang_timeout_s
+        # Since when no operation runs: a rank's silence counts from here at the
+        # earliest (held ranks report nothing).
+        self._quiet_since = 0.0
         self.phase = Phase.FORMING
         self.epoch = 0
         self.members: tuple[int, ...] = ()
@@ -917,6 +927,7 @@ class RecoveryStateMachine:
     def _on_tick(self) -> None:
         op = self.op
         if op is None:
+            self._check_hangs()
             return
         phase = PHASE_OF[(op.kind, op.step)]
         limit = self.deadlines_s.get(phase)
@@ -928,9 +939,59 @@ class RecoveryStateMachine:
         culprits = sorted(op.awaiting)
         for rank in culprits:
             self._mark_failed(rank, f"no answer in {reason}")
+            self._end_session(rank, f"declared hung: no answer in {reason}")
         if culprits:
             reason += f" waiting for ranks {culprits}"
         self._abandon(reason)
+
+    def _check_hangs(self) -> None:
+        """Members whose iteration has not moved for `hang_timeout_s` while the
+        cluster is not idle as a whole: a peer got further, or a peer's step
+        failed (in lockstep EP the peers of a stuck rank block in their next
+        collective until it times out) and this rank's did not. Its lease is
+        alive, so nothing else would ever find it. It is failed like a dead
+        rank, and its session ended so its engine stops at the next boundary."""
+        limit = self.hang_timeout_s
+        if limit is None or self.phase not in (Phase.STEADY, Phase.DEGRADED):
+            return
+        live = {
+            r: view
+            for r in self.members
+            if (view := self.ranks.get(r)) is not None
+            and not view.failed
+            and view.suspected_at is None
+            and view.progress is not None
+        }
+        if len(live) < 2:
+            return  # nobody to compare with: an idle engine looks the same
+
+        def silent_for(view: RankView) -> float:
+            assert view.progress is not None
+            return self._now - max(view.progress.at, self._quiet_since)
+
+        iterations = {r: v.progress.iteration for r, v in live.items() if v.progress}
+        furthest = max(iterations.values())
+        failed_steps = {r for r in self._step_failures if r in live}
+        hung = [
+            rank
+            for rank, view in sorted(live.items())
+            if silent_for(view) > limit
+            and rank not in failed_steps
+            and (furthest > iterations[rank] + 1 or failed_steps)
+        ]
+        if len(hung) == len(live):
+            return  # everyone: that is the cluster idling, or no one to trust
+        for rank in hung:
+            reason = f"no progress for {limit:g} s past iteration {iterations[rank]}"
+            self._end_session(rank, f"declared hung: {reason}")
+            self._confirm_failed(rank, reason)
+
+    def _end_session(self, rank: int, message: str) -> None:
+        """End a live but useless rank's session: its agent stops the engine,
+        whose supervisor relaunches it to rejoin."""
+        view = self.ranks.get(rank)
+        if view is not None and view.session is not None:
+            self._emit(Refuse(rank, view.session, Code.FAILED_PRECONDITION, message, True))
 
     # --- joiners --------------------------------------------------------------
 
@@ -1093,6 +1154,7 @@ class RecoveryStateMachine:
     def _finish(self, op: Operation) -> None:
         stall = max(op.stall_ms.values(), default=0.0)
         self.op = None
+        self._quiet_since = self._now
         for rank in op.joining:
             self.joiners.discard(rank)
             self.ranks[rank].ready = False
@@ -1115,6 +1177,7 @@ class RecoveryStateMachine:
         op = self.op
         assert op is not None
         self.op = None
+        self._quiet_since = self._now
         self._emit(
             OperationEnded(
                 op.op_id, op.kind, "rolled_back", self.epoch, (), op.leaving, 0.0, reason

@@ -74,6 +74,10 @@ class RecordingAdapter:
     members: tuple[int, ...] = ()
     iteration: int = 0
     metadata: bytes = b""
+    # Set `hang` and the next step blocks (a stuck kernel, a deadlocked engine
+    # thread) until `unhang` is set; the agent's thread is unaffected.
+    hang: threading.Event = field(default_factory=threading.Event)
+    unhang: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self._placement = ring_placement(self.world_size)
@@ -125,6 +129,8 @@ class RecordingAdapter:
     def step(self) -> None:
         """One iteration: an all-reduce every member must join."""
         assert self.group is not None
+        if self.hang.is_set():
+            self.unhang.wait(60)
         work = self.group.allreduce([torch.ones(1)])
         wait_work(work, lambda: self.aborted_through >= self.group_epoch)
         self.iteration += 1

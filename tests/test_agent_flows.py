@@ -326,3 +326,34 @@ def test_a_restarted_coordinator_takes_over_without_restarting_a_rank(
             ) from exc
         finally:
             second.stop()
+
+
+def test_a_rank_stuck_with_its_lease_alive_is_declared_hung_and_rejoins(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    # Rank 1's engine thread blocks inside a step; its agent thread and lease
+    # live on, so neither a broken session nor the lease finds it. Its peers
+    # block in the next all-reduce until the group timeout (5 s here) and
+    # report failed steps; rank 1 has not moved for the hang timeout: hung.
+    hang = ("--hang-timeout-s", "2")
+    with thread_cluster(tmp_path, etcd, cluster_name, WORLD, *hang) as (coord, ranks):
+        stuck = ranks[1]
+        try:
+            stuck.adapter.hang.set()
+            wait_until(lambda: coord.phase() == "degraded", 30, "the shrink without rank 1")
+            [failure] = coord.status().failures
+            assert failure.rank == 1 and "no progress for 2 s" in failure.reason
+            assert list(coord.status().members) == [0, 2, 3]
+            # Its session was ended: the engine stops at its next boundary, as
+            # its supervisor would see, and is relaunched to rejoin.
+            wait_until(lambda: stuck.agent._fatal is not None, 10, "rank 1's agent to stop")
+            assert "declared hung" in (stuck.agent._fatal or "")
+        finally:
+            stuck.adapter.unhang.set()
+        ranks.pop(1).stop()  # the engine thread ends with AgentStopped
+        ranks[1] = ThreadRank(1, WORLD, coord.endpoint, etcd, cluster_name, rejoin=True).start()
+        wait_until(
+            lambda: coord.phase() == "steady" and len(coord.status().members) == WORLD,
+            30,
+            "rank 1 to be admitted again",
+        )

@@ -38,6 +38,7 @@ from hypothesis.stateful import (
 from coordinator.plan import transfer_plan
 from coordinator.state_machine import (
     DEFAULT_DEADLINES_S,
+    DEFAULT_HANG_TIMEOUT_S,
     PHASE_OF,
     STEP_FAILURE_WINDOW_S,
     Abort,
@@ -424,6 +425,80 @@ def test_a_survivor_silent_past_the_pause_deadline_is_declared_hung() -> None:
     assert [s.rank for s in sent(out, Retry)] == [3]  # the joiner tries again later
     assert sorted(s.rank for s in sent(out, Abort)) == [0, 1]  # a shrink without 2
     assert d.machine.phase == Phase.HALTING
+
+
+def _run_to(d: Driver, iterations: dict[int, int], seconds: float) -> None:
+    """Each rank in `iterations` reports its way there, spread over `seconds`."""
+    for step in range(1, 11):
+        d.now += seconds / 10
+        for rank, last in iterations.items():
+            d.progress(rank, 10 + (last - 10) * step // 10)
+
+
+def test_a_member_stuck_while_its_peers_run_on_is_declared_hung() -> None:
+    # Rank 2's engine thread is stuck (its agent and lease are alive); the
+    # others keep going (an engine not in lockstep). After the hang timeout,
+    # it is failed like a dead rank, told to stop, and the others shrink.
+    d = Driver(4)
+    d.form()
+    _run_to(d, {r: 10 for r in range(4)}, 0.1)
+    _run_to(d, {0: 400, 1: 400, 3: 400}, DEFAULT_HANG_TIMEOUT_S / 2)
+    assert d.handle(Tick()) == []  # silent, but not for long enough yet
+    _run_to(d, {0: 800, 1: 800, 3: 800}, DEFAULT_HANG_TIMEOUT_S / 2 + 1)
+    out = d.handle(Tick())
+    [failed] = of_type(out, RankFailed)
+    assert failed.rank == 2 and "no progress for 30 s past iteration 10" in failed.reason
+    [ended] = of_type(out, Refuse)
+    assert (ended.rank, ended.session, ended.end_session) == (2, d.sessions[2], True)
+    assert ended.code == Code.FAILED_PRECONDITION and "declared hung" in ended.message
+    assert sorted(s.rank for s in sent(out, Abort)) == [0, 1, 3]
+    assert d.machine.phase == Phase.HALTING
+
+
+def test_in_lockstep_the_member_whose_step_did_not_fail_is_the_hung_one() -> None:
+    # In EP lockstep the peers of a stuck rank block in their next collective
+    # and nobody's iteration moves; their collectives time out and they report
+    # failed steps. The one that reported nothing is stuck.
+    d = Driver(4)
+    d.form()
+    _run_to(d, {r: 10 for r in range(4)}, 0.1)
+    for rank in (0, 1, 3):
+        d.handle(StepFailed(rank, d.sessions[rank], d.machine.epoch, 10, "gloo timeout"))
+    assert d.machine.phase == Phase.STEADY  # a failed step alone convicts no one
+    d.now += DEFAULT_HANG_TIMEOUT_S + 1
+    out = d.handle(Tick())
+    assert [f.rank for f in of_type(out, RankFailed)] == [2]
+    assert d.machine.phase == Phase.HALTING
+
+
+def test_an_idle_cluster_is_not_hung_and_the_check_can_be_off() -> None:
+    d = Driver(4)
+    d.form()
+    _run_to(d, {r: 10 for r in range(4)}, 0.1)
+    d.now += 100 * DEFAULT_HANG_TIMEOUT_S  # nobody moves: no requests
+    assert d.handle(Tick()) == []
+    off = Driver(4)
+    off.machine.hang_timeout_s = None
+    off.form()
+    _run_to(off, {r: 10 for r in range(4)}, 0.1)
+    _run_to(off, {0: 900, 1: 900, 3: 900}, 2 * DEFAULT_HANG_TIMEOUT_S)
+    assert off.handle(Tick()) == []
+
+
+def test_silence_counts_from_the_end_of_the_last_operation() -> None:
+    # Held ranks report nothing; a shrink whose halt took longer than the hang
+    # timeout must not make the slowest reporter look hung right after it.
+    d = Driver(4)
+    d.form()
+    _run_to(d, {r: 10 for r in range(4)}, 0.1)
+    out = d.kill(3)
+    d.now += DEFAULT_HANG_TIMEOUT_S + 10
+    d.shrink(out, lambda s: 10)
+    assert d.machine.phase == Phase.DEGRADED
+    d.progress(0, 13)
+    d.progress(1, 13)
+    assert d.handle(Tick()) == []  # rank 2 has not reported since the resume yet
+    assert d.machine.phase == Phase.DEGRADED
 
 
 def test_no_deadline_while_a_joiner_loads_and_deadlines_are_configurable() -> None:
