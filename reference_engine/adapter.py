@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,10 +28,16 @@ class ReferenceEngineAdapter:
         return self.engine.placement
 
     def abort_collectives(self, epoch: int) -> None:
+        # On NCCL this also starts the abort of the epoch's communicator on a
+        # helper thread (reference_engine.ep): this call does not block.
         self.engine.abort_signal.abort(epoch)
 
     def rebuild_groups(self, spec: GroupSpec) -> None:
-        group = EPGroup.build(spec, self.engine.rank, self.engine.abort_signal, self.hostname)
+        # The engine's device decides its groups' backend: gloo on CPU, NCCL on CUDA.
+        spec = replace(spec, backend=self.engine.backend)
+        group = EPGroup.build(
+            spec, self.engine.rank, self.engine.abort_signal, self.hostname, self.engine.device
+        )
         self.engine.install_group(group)
 
     def expert_tensors(self, layer: int, slot: int) -> Sequence[torch.Tensor]:
@@ -55,6 +62,9 @@ class ReferenceEngineAdapter:
         self.engine.expert_tokens = [[int(n) for n in row] for row in counters]
 
     def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
+        # Expert slots received into pinned host staging reach the device now,
+        # before the first step that may route to them.
+        self.engine.commit_received()
         if iteration <= self.engine.iteration:
             self.engine.rollback_to(iteration)
         else:

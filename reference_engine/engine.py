@@ -8,12 +8,20 @@ A step computes into new objects and commits at its end, so a step that raises
 leaves the committed state as it was. The state from before the last completed
 step is kept: after a rank dies mid-iteration, some survivors may have completed
 it and others not, and the recovery rolls everyone back to the lower count.
+
+Two forward paths compute the same tokens. On CPU (the default) each token row
+is computed alone and exchanged over gloo with per-rank row counts: the engine
+and the single-process reference then agree bit for bit. With a `device` of
+cuda (or `static=True` on CPU) the fixed-shape step of `reference_engine.static`
+runs instead: expert weights on the device, NCCL all-to-alls of fixed capacity,
+the step captured in a CUDA graph per process group (docs/gpu.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -39,10 +47,15 @@ from reference_engine.model import (
 )
 from reference_engine.placement import Placement, live_replicas
 from reference_engine.requests import Request
+from reference_engine.staging import CommitResult
+from reference_engine.static import StaticForward
+from worker_agent.groups import NCCL, backend_for_device
 
 log = logging.getLogger(__name__)
 
 CompleteFn = Callable[[int, tuple[int, ...]], None]
+
+CAPTURE_WAIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -52,8 +65,9 @@ class _Sequence:
     request: Request
     fed: int  # tokens fed so far, prompt included
     generated: tuple[int, ...]
-    keys: tuple[torch.Tensor, ...]  # per layer, [fed, d]
+    keys: tuple[torch.Tensor, ...]  # per layer, [fed, d] (row path; the static path: ())
     values: tuple[torch.Tensor, ...]
+    row: int = -1  # the static path's batch and KV-cache row
 
     @property
     def next_token(self) -> int:
@@ -66,7 +80,7 @@ class _Sequence:
         # Predictions made while feeding the prompt are dropped, except the last.
         in_output = self.fed >= len(self.request.prompt) - 1
         generated = (*self.generated, token) if in_output else self.generated
-        return _Sequence(self.request, self.fed + 1, generated, keys, values)
+        return _Sequence(self.request, self.fed + 1, generated, keys, values, self.row)
 
     @property
     def done(self) -> bool:
@@ -99,18 +113,60 @@ class EPEngine:
         load_experts: bool = True,
         on_complete: CompleteFn | None = None,
         max_batch: int = 8,
+        device: str | torch.device = "cpu",
+        static: bool | None = None,
+        staging: bool | None = None,
+        max_seq: int = 64,
+        cuda_graph: bool = True,
     ) -> None:
+        """`device`: where expert weights live and the step runs ("cpu", "cuda",
+        "cuda:N"). `static`: the fixed-shape step (default: on any device but
+        the CPU). `staging`: transfers through a pinned host mirror (default: on
+        CUDA). `max_seq`: the static path's KV-cache positions per request.
+        `cuda_graph`: capture the static step on CUDA."""
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.max_batch = max_batch
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.backend = backend_for_device(self.device)
+        self.static = self.device.type != "cpu" if static is None else static
+        if not self.static and self.device.type != "cpu":
+            raise ValueError("the row-by-row path runs on the CPU only: use static=True")
         self.fingerprint = fingerprint(cfg, weights)
         self.abort_signal = AbortSignal()
         self.on_complete = on_complete
         self._weights = weights.without_experts()
         self._placement = placement
         self._slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer, slot_expert in enumerate(placement.layers):
+        self._static: StaticForward | None = None
+        self._warm_group: EPGroup | None = None  # warm_up's private NCCL group
+        if self.static:
+            self._static = StaticForward(
+                cfg,
+                self._weights,
+                rank,
+                world_size,
+                placement,
+                max_batch,
+                max_seq,
+                self.device,
+                staging=self.device.type == "cuda" if staging is None else staging,
+                cuda_graph=cuda_graph,
+            )
+            spr = placement.slots_per_rank
+            for layer, slot_expert in enumerate(placement.layers):
+                for slot in placement.slots_of_rank(rank) if load_experts else ():
+                    lw = weights.layers[layer]
+                    self._static.experts.load(
+                        (layer, slot - rank * spr),
+                        lw.w1[slot_expert[slot]],
+                        lw.w2[slot_expert[slot]],
+                    )
+            self._static.experts.sync()
+        for layer, slot_expert in enumerate(placement.layers if not self.static else ()):
             for slot in placement.slots_of_rank(rank):
                 if load_experts:
                     lw = weights.layers[layer]
@@ -145,17 +201,73 @@ class EPEngine:
         return self._placement
 
     def submit(self, request: Request) -> None:
-        """Queue a request (any thread)."""
+        """Queue a request (any thread). The static path refuses one that needs
+        more KV-cache positions than `max_seq` (ValueError)."""
+        if self._static is not None:
+            positions = len(request.prompt) + request.max_new_tokens - 1
+            if positions > self._static.T:
+                raise ValueError(
+                    f"request {request.id} needs {positions} positions; max_seq is {self._static.T}"
+                )
         self._queue.append(request)
+
+    def warm_up(self) -> float:
+        """CUDA: pay this process's one-time costs before it reports ready (NCCL
+        and CUDA initialisation, cuBLAS, the first graph capture), while the
+        survivors still serve: a private NCCL group of size 1, one eager step
+        and one captured and replayed step with no request. Returns the ms it
+        took (0.0 off CUDA). The group stays referenced, idle, never aborted."""
+        if self._static is None or self.device.type != "cuda":
+            return 0.0
+        import torch.distributed as dist
+
+        from worker_agent.groups import configure_nccl_env
+
+        configure_nccl_env()
+        started = time.perf_counter()
+        backend = dist.ProcessGroupNCCL(dist.HashStore(), 0, 1, dist.ProcessGroupNCCL.Options())
+        connect = getattr(backend, "eager_connect_single_device", None)
+        if connect is not None:
+            connect(self.device)
+        group = EPGroup(backend, 0, (self.rank,), self.rank, AbortSignal(), backend=NCCL)  # type: ignore[arg-type]
+        self._static.set_routes(self._placement, (self.rank,), (self.rank,))
+        for _ in range(2):  # eager, then captured and replayed
+            self._static.run(group, [], lambda: False)
+        self._static.drop_graph()
+        self._warm_group = group
+        ms = (time.perf_counter() - started) * 1000.0
+        log.info(
+            "warmed up", extra=fields(rank=self.rank, device=str(self.device), ms=round(ms, 1))
+        )
+        return ms
 
     def busy(self) -> bool:
         return bool(self._state.running or self._state.finished or self._queue)
 
     def install_group(self, group: EPGroup) -> None:
         if self.group is not None:
+            # NCCL: a retired communicator is aborted (never destroyed: a
+            # destroy can hang on a dead peer) on a helper thread, once the
+            # new group has completed a step: its 0.5-1 s of teardown then
+            # runs neither beside the resync inside the pause nor beside the
+            # new communicator's first (connecting) step, where it was seen
+            # not to finish (docs/gpu.md). One with a dead member was aborted
+            # already, on the agent's Abort.
             self._retired.append(self.group)
         self.group = group
-        log.info("ep group installed", extra=fields(epoch=group.epoch, members=group.members))
+        if self._static is not None:
+            self._static.drop_graph()
+            self._static.set_routes(self._placement, self.members, group.members)
+        log.info(
+            "ep group installed",
+            extra=fields(
+                rank=self.rank,
+                epoch=group.epoch,
+                members=group.members,
+                backend=group.backend,
+                build_ms=round(group.build_ms, 2),
+            ),
+        )
 
     def reset_active(self, members: Sequence[int]) -> None:
         """Route experts only to replicas on `members` (ValueError if one has none)."""
@@ -166,6 +278,8 @@ class EPEngine:
             raise ValueError(f"members {members} outside the group {self.group.members}")
         self._routes = self._build_routes(members)
         self.members = members
+        if self._static is not None and self.group is not None:
+            self._static.set_routes(self._placement, members, self.group.members)
 
     def rollback_to(self, iteration: int) -> None:
         """Undo the last completed iteration (if `iteration` is the one before it)."""
@@ -190,11 +304,54 @@ class EPEngine:
             self._undo = None
 
     def slot_tensors(self, layer: int, slot: int) -> list[torch.Tensor]:
-        """[W1, W2] of one of this rank's global slots (received into in place)."""
+        """[W1, W2] of one of this rank's global slots (received into in place).
+
+        With staging (CUDA), these are the slot's pinned host mirror: a filled
+        slot is sent from it, and a slot that is not filled is received into
+        it and reaches the device at `commit_received`."""
+        if self._static is not None:
+            spr = self._placement.slots_per_rank
+            if slot not in self._placement.slots_of_rank(self.rank) or not 0 <= layer < len(
+                self._placement.layers
+            ):
+                raise ValueError(f"slot {slot} of layer {layer} is not on rank {self.rank}")
+            return self._static.experts.transfer_views((layer, slot - self.rank * spr))
         pair = self._slots.get((layer, slot))
         if pair is None:
             raise ValueError(f"slot {slot} of layer {layer} is not on rank {self.rank}")
         return list(pair)
+
+    def commit_received(self) -> CommitResult | None:
+        """Static path: copy the expert slots received since the last commit to
+        the device (pinned host staging to device memory). None on the row path,
+        where receives land in place."""
+        if self._static is None:
+            return None
+        result = self._static.experts.commit()
+        if result.slots:
+            log.info(
+                "experts committed",
+                extra=fields(
+                    rank=self.rank,
+                    slots=result.slots,
+                    bytes=result.bytes,
+                    ms=round(result.ms, 3),
+                    staged=self._static.experts.staging,
+                ),
+            )
+        return result
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of this rank's expert slots."""
+        if self._static is not None:
+            ex = self._static.experts
+            return ex.slot_bytes * ex.n_layers * ex.local_slots
+        return sum(t.numel() * t.element_size() for pair in self._slots.values() for t in pair)
+
+    @property
+    def graph_replays(self) -> int:
+        return 0 if self._static is None else self._static.replays
 
     def apply_placement(self, placement: Placement) -> None:
         """Adopt `placement`; a slot whose expert changes is emptied (NaN) until
@@ -203,6 +360,21 @@ class EPEngine:
             raise ValueError(
                 f"placement has {len(placement.layers)} layers, the model {self.cfg.n_layers}"
             )
+        if self._static is not None:
+            spr = self._placement.slots_per_rank
+            if placement.slots_per_rank != spr:
+                raise ValueError(
+                    f"placement has {placement.slots_per_rank} slots per rank, the engine {spr}"
+                )
+            routes = self._build_routes(self.members, placement)
+            for layer, slot_expert in enumerate(placement.layers):
+                for slot in placement.slots_of_rank(self.rank):
+                    if self._placement.layers[layer][slot] != slot_expert[slot]:
+                        self._static.experts.empty((layer, slot - self.rank * spr))
+            self._placement, self._routes = placement, routes
+            if self.group is not None:
+                self._static.set_routes(placement, self.members, self.group.members)
+            return
         slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for layer, slot_expert in enumerate(placement.layers):
             for slot in placement.slots_of_rank(self.rank):
@@ -219,11 +391,21 @@ class EPEngine:
         if group is None:
             raise RuntimeError("no process group installed")
         before = self._state
-        admitted = self._admit(self.max_batch - len(before.running))
+        if self._static is not None:
+            free = self._free_rows(before)
+            admitted = self._admit(min(self.max_batch - len(before.running), len(free)))
+        else:
+            admitted = self._admit(self.max_batch - len(before.running))
         try:
-            running = before.running + tuple(self._start(r) for r in admitted)
             routed = [[0] * self.cfg.n_experts for _ in range(self.cfg.n_layers)]
-            advanced = self._forward(group, running, routed)
+            if self._static is not None:
+                running = before.running + tuple(
+                    _Sequence(r, 0, (), (), (), row) for r, row in zip(admitted, free, strict=False)
+                )
+                advanced = self._forward_static(group, running, routed)
+            else:
+                running = before.running + tuple(self._start(r) for r in admitted)
+                advanced = self._forward(group, running, routed)
         except BaseException:
             self._queue.extendleft(reversed(admitted))
             raise
@@ -240,6 +422,46 @@ class EPEngine:
                 self.on_complete(request_id, tokens)
 
     # --- internals ------------------------------------------------------------
+
+    def _free_rows(self, before: _State) -> list[int]:
+        """Static rows no sequence of the current or the undo state holds: a
+        new request writes its row's cache from position 0, and a rollback may
+        bring back the undo state's sequences with their caches."""
+        held = {s.row for s in before.running}
+        if self._undo is not None:
+            held |= {s.row for s in self._undo[0].running}
+        return [row for row in range(self.max_batch) if row not in held]
+
+    def _forward_static(
+        self, group: EPGroup, running: Sequence[_Sequence], routed: list[list[int]]
+    ) -> list[_Sequence]:
+        assert self._static is not None
+        if self._static.stepped_on(group):
+            for retired in self._retired:
+                retired.abort_communicator()  # NCCL only; once per group
+        # NCCL groups are dropped once their abort is over; gloo groups stay
+        # referenced (see __init__).
+        self._retired = [
+            g
+            for g in self._retired
+            if g.backend != NCCL or g.abort_thread is None or g.abort_thread.is_alive()
+        ]
+        rows = [(s.row, s.next_token, s.fed, s.request.id + s.fed) for s in running]
+        # No capture while a retired communicator is being torn down on its
+        # helper thread (the step runs eagerly meanwhile), for at most
+        # CAPTURE_WAIT_S: the capture is thread-local, so the teardown's CUDA
+        # calls cannot invalidate it; the wait only keeps them apart.
+        now = time.monotonic()
+        quiet = not any(
+            g.aborting and now - g.abort_started < CAPTURE_WAIT_S for g in self._retired
+        )
+        tokens, counts = self._static.run(
+            group, rows, lambda: self.abort_signal.aborted(group.epoch), may_capture=quiet
+        )
+        for layer, row in enumerate(counts):
+            for expert, n in enumerate(row):
+                routed[layer][expert] += n
+        return [s.advanced(tokens[s.row], (), ()) for s in running]
 
     def _empty_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
         d, h = self.cfg.d_model, self.cfg.ffn_hidden

@@ -45,8 +45,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lease-ttl", type=int, default=1)
     p.add_argument("--idle-sleep-ms", type=float, default=2.0, help="pause when no request runs")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (gloo, the default), cuda (GPU rank %% device count, NCCL) or cuda:N",
+    )
+    p.add_argument(
+        "--static", action="store_true", help="the fixed-shape step on CPU too (as on CUDA)"
+    )
+    p.add_argument("--max-seq", type=int, default=64, help="KV-cache positions (static step)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run the CUDA step eagerly")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def resolve_device(name: str, rank: int) -> str:
+    """ "cuda" is GPU rank % device count; NCCL's settings are made before any
+    group exists."""
+    if name == "cpu":
+        return name
+    import torch
+
+    from worker_agent.groups import configure_nccl_env
+
+    configure_nccl_env()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device here")
+    index = rank % torch.cuda.device_count() if name == "cuda" else torch.device(name).index
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
+    device = resolve_device(args.device, args.rank)
     if args.checkpoint is not None:
         cfg, weights = load_checkpoint(args.checkpoint)
     else:
@@ -79,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         weights,
         load_experts=not args.rejoin,
         on_complete=answer,
+        device=device,
+        static=True if args.static else None,
+        max_seq=args.max_seq,
+        cuda_graph=not args.no_cuda_graph,
     )
+    # CUDA: NCCL, cuBLAS and the first graph capture are paid here, before the
+    # rank registers (a joiner: before it reports ready), not in the pause.
+    engine.warm_up()
     adapter = ReferenceEngineAdapter(engine, cfg)
     agent = WorkerAgent(
         AgentConfig(

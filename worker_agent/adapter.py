@@ -37,6 +37,11 @@ class GroupSpec:
     store_prefix: str
     members: tuple[int, ...]
     timeout_s: float
+    # The collective backend of the engine's groups: "gloo" (CPU tensors, the
+    # default) or "nccl" (CUDA tensors; the engine picks it from its device,
+    # see `worker_agent.groups.backend_for_device`). The agent's own transfer
+    # group is always gloo.
+    backend: str = "gloo"
 
     def group_rank(self, rank: int) -> int:
         return self.members.index(rank)
