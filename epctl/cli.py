@@ -50,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lease-ttl", type=int, default=1, help="rank lease TTL in seconds")
     demo.add_argument("--workdir", type=Path, help="keep logs and files here")
     demo.add_argument("--json", action="store_true", help="print the report as JSON (last line)")
+    demo.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="[stop:]WHO@PHASE",
+        help="inject a fault when the coordinator enters PHASE (repeatable): WHO is rank:N, "
+        "joiner, coordinator (a standby then runs too) or etcd (restarted on its data); "
+        "SIGKILL, or SIGSTOP with stop:. Killed ranks are relaunched with --rejoin",
+    )
+    demo.add_argument(
+        "--list-phases", action="store_true", help="print the phase names, in timeline order"
+    )
 
     status = sub.add_parser("status", help="show a coordinator's view of its cluster")
     status.add_argument("--endpoint", default="127.0.0.1:50051", help="coordinator host:port")
@@ -127,7 +139,11 @@ def _mutate(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from epctl.demo import DemoError, DemoOptions, check_kills, render_report, report_ok, run_demo
+    from epctl.faults import PHASES, parse_fault
 
+    if args.list_phases:
+        sys.stdout.write("".join(f"{phase}\n" for phase in PHASES))
+        return EXIT_OK
     if args.ranks < 2:
         sys.stderr.write("epctl demo: --ranks must be at least 2\n")
         return EXIT_USAGE
@@ -135,6 +151,11 @@ def _demo(args: argparse.Namespace) -> int:
         sys.stderr.write(
             f"epctl demo: --ranks-per-node {args.ranks_per_node} must divide --ranks {args.ranks}\n"
         )
+        return EXIT_USAGE
+    try:
+        faults = [parse_fault(text, args.ranks) for text in args.fault]
+    except ValueError as exc:
+        sys.stderr.write(f"epctl demo: {exc}\n")
         return EXIT_USAGE
     opts = DemoOptions(
         ranks=args.ranks,
@@ -146,6 +167,7 @@ def _demo(args: argparse.Namespace) -> int:
         json_output=args.json,
         lease_ttl_s=args.lease_ttl,
         workdir=args.workdir,
+        faults=faults,
     )
     try:
         check_kills(opts)

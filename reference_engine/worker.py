@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--ranks-per-node", type=int, default=1)
-    p.add_argument("--coordinator", required=True, help="coordinator host:port")
+    p.add_argument(
+        "--coordinator",
+        default="",
+        help="coordinator host:port (default: the leader named in etcd, found again after "
+        "a fail-over)",
+    )
     p.add_argument("--etcd", required=True, help="etcd host:port")
     p.add_argument("--checkpoint", type=Path, help="weights file (default: derived from --seed)")
     p.add_argument("--seed", type=int, default=1234)
