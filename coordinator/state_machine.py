@@ -1082,7 +1082,8 @@ class RecoveryStateMachine:
             return AdminAnswered(
                 request_id,
                 Code.FAILED_PRECONDITION,
-                f"cluster {self.cluster!r} has not formed yet; there is nothing to drain",
+                f"cluster {self.cluster!r} has not formed yet: rank {rank} is not a member "
+                "that could be drained",
             )
         if rank not in self.members:
             return AdminAnswered(
