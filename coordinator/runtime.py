@@ -266,7 +266,7 @@ class Coordinator:
                     action, self.unix_ms(action.started_at), self.unix_ms(action.at)
                 )
             case sm.OperationEnded():
-                now = self.unix_ms(time.monotonic())
+                now = self.unix_ms(action.at)
                 self.history.operation_ended(action, now)
                 self.metrics.observe_operation(action)
                 log.info(

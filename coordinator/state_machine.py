@@ -434,6 +434,7 @@ class OperationEnded:
     stall_ms: float
     reason: str = ""
     retargets: int = 0
+    at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -1391,6 +1392,7 @@ class RecoveryStateMachine:
                 op.leaving,
                 stall,
                 retargets=op.hold_attempt,
+                at=self._now,
             )
         )
         self._set_phase(self._idle_phase(), "")
@@ -1406,7 +1408,9 @@ class RecoveryStateMachine:
         # A drain rolled back before its commit leaves its rank a member.
         left = op.leaving if committed or op.kind != OpKind.DRAIN else ()
         self._emit(
-            OperationEnded(op.op_id, op.kind, "rolled_back", self.epoch, (), left, 0.0, reason)
+            OperationEnded(
+                op.op_id, op.kind, "rolled_back", self.epoch, (), left, 0.0, reason, at=self._now
+            )
         )
         if op.step not in (Step.WAIT_READY, Step.RESUME):
             # Joiners may hold half-built groups: they start their admission over.

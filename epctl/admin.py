@@ -340,12 +340,12 @@ def watch(args: argparse.Namespace) -> int:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         stream = stub.WatchEvents(admin_pb2.WatchEventsRequest(), timeout=args.timeout)
         try:
-            if args.output == "table":
-                sys.stdout.write(f"{'TIME':<12} {'SEQ':>6}  {'EVENT':<18} DETAIL\n")
             for event in stream:
                 if args.output == "json":
                     sys.stdout.write(json.dumps(to_json(event)) + "\n")
                 else:
+                    if event.WhichOneof("body") == "snapshot":
+                        sys.stdout.write(f"{'TIME':<12} {'SEQ':>6}  {'EVENT':<18} DETAIL\n")
                     sys.stdout.write(event_line(event) + "\n")
                 sys.stdout.flush()  # a pipe sees each event as it happens
                 if event.WhichOneof("body") != "snapshot":
