@@ -42,7 +42,12 @@ def _kill_event(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="epctl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="epctl",
+        description=__doc__,
+        epilog="exit codes: 0 done, 1 failed, 2 bad usage or request, 3 coordinator "
+        "unreachable, 4 not found, 5 refused by the cluster's state",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a local cluster, kill ranks, rejoin them, report")
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     admit = sub.add_parser("admit", help="admit a registered, ready joiner now")
     for by_rank in (drain, admit):
-        by_rank.add_argument("rank", type=int, metavar="RANK")
+        by_rank.add_argument("rank", type=int, metavar="RANK", help="the rank (0..world_size-1)")
         by_rank.add_argument(
             "--wait", action="store_true", help="return once the operation has ended"
         )

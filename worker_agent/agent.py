@@ -10,6 +10,10 @@
             agent.on_step_failed(engine.iteration, exc)   # held until rebuilt
     agent.stop()
 
+`AgentStopped` from `at_boundary`/`on_step_failed` means stop serving (relaunch
+with --rejoin); `AgentDrained`, its subclass, that an operator drained the rank
+(exit cleanly, do not relaunch).
+
 A background thread runs an asyncio loop that keeps the etcd lease alive and
 holds the gRPC session. Commands that need the engine (rebuild, resync, resume)
 run on the engine's thread while it is held inside `at_boundary` or
