@@ -114,7 +114,7 @@ def report_error(command: str, endpoint: str, exc: grpc.RpcError) -> int:
     code: grpc.StatusCode = exc.code()
     details = exc.details() or ""
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        details = f"cannot reach the coordinator at {endpoint}: {details}"
+        details = f"coordinator at {endpoint}: {details}"
     sys.stderr.write(f"epctl {command}: {code.name}: {details}\n")
     return EXIT_OF_CODE.get(code, EXIT_FAILED)
 
