@@ -22,7 +22,13 @@ from reference_engine.frontend import FrontendClient
 from reference_engine.model import derive_weights, load_checkpoint
 from reference_engine.placement import build_placement
 from worker_agent.adapter import StepAborted
-from worker_agent.agent import AgentConfig, AgentStopped, RegistrationRefused, WorkerAgent
+from worker_agent.agent import (
+    AgentConfig,
+    AgentDrained,
+    AgentStopped,
+    RegistrationRefused,
+    WorkerAgent,
+)
 from worker_agent.groups import CollectiveFailed
 
 log = logging.getLogger("reference_engine.worker")
@@ -116,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if not engine.busy():
                 time.sleep(args.idle_sleep_ms / 1000.0)
+    except AgentDrained as exc:
+        # Not a failure: exit 0 so that a supervisor does not relaunch it.
+        log.info("drained, exiting", extra=fields(rank=args.rank, reason=str(exc)))
+        return 0
     except AgentStopped as exc:
         log.error("stopped serving", extra=fields(rank=args.rank, reason=str(exc)))
         return 4

@@ -10,6 +10,10 @@
             agent.on_step_failed(engine.iteration, exc)   # held until rebuilt
     agent.stop()
 
+`AgentStopped` from `at_boundary`/`on_step_failed` means stop serving (relaunch
+with --rejoin); `AgentDrained`, its subclass, that an operator drained the rank
+(exit cleanly, do not relaunch).
+
 A background thread runs an asyncio loop that keeps the etcd lease alive and
 holds the gRPC session. Commands that need the engine (rebuild, resync, resume)
 run on the engine's thread while it is held inside `at_boundary` or
@@ -71,6 +75,12 @@ class AgentStopped(RuntimeError):
     """The agent was stopped, or lost its lease: the engine must stop serving."""
 
 
+class AgentDrained(AgentStopped):
+    """An operator drained this rank: the cluster goes on without it. The
+    engine stops serving and exits cleanly; its supervisor must not relaunch
+    it (a relaunch with --rejoin waits for an operator's Admit)."""
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     cluster: str
@@ -129,6 +139,7 @@ class WorkerAgent:
         self._start_error: BaseException | None = None
         self._stopping = threading.Event()
         self._fatal: str | None = None
+        self._drained: str | None = None  # the reason, once told to leave
 
     # --- engine surface -------------------------------------------------------
 
@@ -306,7 +317,14 @@ class WorkerAgent:
     def _superseded_by_newer(self, order: _Order) -> _Superseded:
         return _Superseded(self, order.command_id)
 
+    @property
+    def drained(self) -> bool:
+        """Whether the coordinator told this rank to leave (see AgentDrained)."""
+        return self._drained is not None
+
     def _check_alive(self) -> None:
+        if self._drained is not None:
+            raise AgentDrained(self._drained)
         if self._fatal is not None:
             raise AgentStopped(self._fatal)
         if self._stopping.is_set():
@@ -521,10 +539,22 @@ class WorkerAgent:
         if kind == "hold":
             self._on_hold(order)
             return
+        if kind == "leave":
+            self._on_leave(cmd.leave.reason)
+            return
         if kind == "abort":
             # Releases a step blocked on a dead peer; the engine then holds.
             self.adapter.abort_collectives(cmd.abort.epoch)
         self._inbox.put(order)
+
+    def _on_leave(self, reason: str) -> None:
+        """Drained: stop for good. The session ends and the lease is revoked
+        (the coordinator expects both and counts neither as a failure); the
+        engine, held at the cut, raises AgentDrained."""
+        log.info("drained", extra=fields(rank=self.config.rank, reason=reason))
+        self._drained = f"rank {self.config.rank} drained: {reason}"
+        self._die(self._drained)
+        self._stopping.set()
 
     def _on_hold(self, order: _Order) -> None:
         target = order.command.hold.iteration
@@ -557,4 +587,11 @@ class _Superseded:
         )
 
 
-__all__ = ["AgentConfig", "AgentStopped", "RegistrationRefused", "StepAborted", "WorkerAgent"]
+__all__ = [
+    "AgentConfig",
+    "AgentDrained",
+    "AgentStopped",
+    "RegistrationRefused",
+    "StepAborted",
+    "WorkerAgent",
+]
