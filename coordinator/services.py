@@ -67,6 +67,18 @@ def command_to_proto(coordinator: Coordinator, send: sm.Send) -> worker_pb2.Coor
                     timeout_ms=int(coordinator.config.group_timeout_s * 1000),
                 )
             )
+        case sm.Prefetch(plan, epoch, members, prefix):
+            cmd.prefetch.plan.CopyFrom(plan.to_proto())
+            cmd.prefetch.groups.CopyFrom(
+                worker_pb2.GroupSpec(
+                    epoch=epoch,
+                    store_host=coordinator.config.store_host,
+                    store_port=coordinator.store_port,
+                    store_prefix=prefix,
+                    members=list(members),
+                    timeout_ms=int(coordinator.config.group_timeout_s * 1000),
+                )
+            )
         case sm.Resync(plan, source, placement):
             cmd.resync.plan.CopyFrom(plan.to_proto())
             cmd.resync.metadata_source = source

@@ -74,6 +74,7 @@ DEFAULT_DEADLINES_S: dict[Phase, float | None] = {
 
 class Step(StrEnum):
     WAIT_READY = "wait_ready"
+    PREFETCH = "prefetch"
     HOLD = "hold"
     ABORT = "abort"
     REBUILD = "rebuild"
@@ -91,7 +92,16 @@ class OpKind(StrEnum):
 STEPS: dict[OpKind, tuple[Step, ...]] = {
     OpKind.FORM: (Step.REBUILD, Step.RESUME),
     OpKind.SHRINK: (Step.ABORT, Step.REBUILD, Step.RESUME),
-    OpKind.GROW: (Step.WAIT_READY, Step.HOLD, Step.REBUILD, Step.RESYNC, Step.RESUME),
+    # PREFETCH moves the joiner's experts while everyone serves; RESYNC, in the
+    # pause, then only hands over the metadata (and what moved meanwhile).
+    OpKind.GROW: (
+        Step.WAIT_READY,
+        Step.PREFETCH,
+        Step.HOLD,
+        Step.REBUILD,
+        Step.RESYNC,
+        Step.RESUME,
+    ),
     # No ABORT: a drained rank is alive, so everyone can stop at one iteration
     # boundary instead of rolling back to a cut.
     OpKind.DRAIN: (Step.HOLD, Step.REBUILD, Step.RESUME),
@@ -104,6 +114,7 @@ PHASE_OF: dict[tuple[OpKind, Step], Phase] = {
     (OpKind.SHRINK, Step.REBUILD): Phase.SHRINKING,
     (OpKind.SHRINK, Step.RESUME): Phase.SHRINKING,
     (OpKind.GROW, Step.WAIT_READY): Phase.ADMITTING,
+    (OpKind.GROW, Step.PREFETCH): Phase.ADMITTING,
     (OpKind.GROW, Step.HOLD): Phase.PAUSING,
     (OpKind.GROW, Step.REBUILD): Phase.REBUILDING,
     (OpKind.GROW, Step.RESYNC): Phase.RESYNCING,
@@ -322,6 +333,19 @@ class Rebuild:
 
 
 @dataclass(frozen=True)
+class Prefetch:
+    """Move the plan's experts on a staging group of the joiners and their
+    sources, while the survivors serve (their agents send from a thread of
+    their own). The same plan comes again in the pause's Resync; ranks that
+    carried it out here skip its transfers there."""
+
+    plan: TransferPlan
+    epoch: int
+    members: tuple[int, ...]
+    store_prefix: str
+
+
+@dataclass(frozen=True)
 class Resync:
     plan: TransferPlan
     metadata_source: int
@@ -346,7 +370,7 @@ class Leave:
     reason: str
 
 
-CommandBody = Hold | Abort | Rebuild | Resync | Resume | Retry | Leave
+CommandBody = Hold | Abort | Rebuild | Prefetch | Resync | Resume | Retry | Leave
 
 
 @dataclass(frozen=True)
@@ -1392,6 +1416,11 @@ class RecoveryStateMachine:
                 return Hold(target), op.hold_ranks
             case Step.ABORT:
                 return Abort(self.epoch), op.survivors
+            case Step.PREFETCH:
+                assert op.plan is not None
+                members = tuple(sorted({t.src_rank for t in op.plan.transfers} | set(op.joining)))
+                prefix = store_prefix(self.cluster, op.target_epoch) + "prefetch/"
+                return Prefetch(op.plan, op.target_epoch, members, prefix), members
             case Step.REBUILD:
                 prefix = store_prefix(self.cluster, op.target_epoch)
                 return Rebuild(op.target_epoch, op.participants, prefix), op.participants
@@ -1433,7 +1462,7 @@ class RecoveryStateMachine:
                 self.ranks[rank].ready = False
             self._abandon(str(exc))
             return
-        self._enter(Step.HOLD)
+        self._enter(Step.PREFETCH)
 
     def _next_step(self) -> None:
         op = self.op
@@ -1570,6 +1599,7 @@ class RecoveryStateMachine:
             self._abandon(f"rank {ev.rank} failed {op.step}: {reply.message}")
             return
         expected = {
+            Step.PREFETCH: (Resynced,),
             Step.HOLD: (Held, PastTarget),
             Step.ABORT: (Halted,),
             Step.REBUILD: (GroupsReady,),

@@ -70,6 +70,7 @@ from coordinator.state_machine import (
     Persist,
     Phase,
     PhaseEntered,
+    Prefetch,
     ProgressReported,
     RankDone,
     RankFailed,
@@ -256,15 +257,26 @@ class Driver:
         to hold (PAUSING); the Hold orders."""
         self.shrink(self.kill(rank), lambda s: 7)
         self.register(rank, rejoin=True)
-        holds = sent(self.handle(JoinerReady(rank, self.sessions[rank])), Hold)
+        holds = sent(self.ready(rank), Hold)
         assert holds and self.machine.phase == Phase.PAUSING
         return holds
+
+    def ready(self, rank: int) -> list[Action]:
+        """The joiner says it is ready; the prefetch that starts is carried out."""
+        out = self.handle(JoinerReady(rank, self.sessions[rank]))
+        prefetches = sent(out, Prefetch)
+        if not prefetches:
+            return out
+        assert self.machine.phase == Phase.ADMITTING
+        return out + self.ack_all(prefetches, lambda s: Resynced())
 
     def grow(self, rank: int) -> dict[type[Any], list[Send]]:
         """Rejoin `rank` and carry the grow through; the sends of each step."""
         steps: dict[type[Any], list[Send]] = {}
         out = self.register(rank, rejoin=True)
         out += self.handle(JoinerReady(rank, self.sessions[rank]))
+        steps[Prefetch] = sent(out, Prefetch)
+        out += self.ack_all(steps[Prefetch], lambda s: Resynced())
         steps[Hold] = sent(out, Hold)
         out = self.ack_all(steps[Hold], lambda s: Held(s.command.iteration))
         steps[Rebuild] = sent(out, Rebuild)
@@ -367,7 +379,7 @@ def test_rejoin_runs_the_whole_timeline_back_to_steady() -> None:
     assert [a.role for a in of_type(out, Accept)] == [Role.JOINER]
     assert phases(out) == [Phase.ADMITTING]
     assert not sent(out)  # survivors keep serving while the joiner warms up
-    out = d.handle(JoinerReady(3, d.sessions[3]))
+    out = d.ready(3)
     assert phases(out) == [Phase.PAUSING]
     holds = sent(out, Hold)
     assert sorted(s.rank for s in holds) == [0, 1, 2]  # not the joiner
@@ -721,7 +733,7 @@ def test_a_drained_rank_waits_for_an_admit_even_with_automatic_rejoin_on() -> No
     out = d.register(2, rejoin=True)
     assert [a.role for a in of_type(out, Accept)] == [Role.JOINER]
     assert not of_type(out, OperationStarted) and d.machine.phase == Phase.DEGRADED
-    out = d.handle(JoinerReady(2, d.sessions[2]))
+    out = d.ready(2)
     assert out == [] and d.machine.op is None
     assert d.machine.rank_state(2) == "joining" and d.machine.ranks[2].ready
     answer, out = _admin(d, "a1", Admit(2))
@@ -729,6 +741,7 @@ def test_a_drained_rank_waits_for_an_admit_even_with_automatic_rejoin_on() -> No
     [started] = of_type(out, OperationStarted)
     assert (started.kind, started.joining, answer.op_id) == (OpKind.GROW, (2,), started.op_id)
     assert d.persisted.drained == ()  # the operator took it back
+    out = d.ack_all(sent(out, Prefetch), lambda s: Resynced())
     holds = sent(out, Hold)
     assert sorted(s.rank for s in holds) == [0, 1, 3]
     out = d.ack_all(holds, lambda s: Held(s.command.iteration))
@@ -813,7 +826,7 @@ def test_a_new_coordinator_keeps_a_drained_rank_out() -> None:
     for r in (0, 1, 2):
         d.register(r, incarnation=d.incarnations[r])
     d.register(3, rejoin=True)
-    d.handle(JoinerReady(3, d.sessions[3]))
+    d.ready(3)
     assert d.machine.op is None and d.machine.phase == Phase.DEGRADED
 
 
@@ -860,7 +873,7 @@ def test_drain_and_admit_refusals_name_the_problem_and_change_nothing() -> None:
     assert answer.code is None
     d.register(2, rejoin=True)
     refused("nr", Admit(2), Code.FAILED_PRECONDITION, "rank 2", "not announced it is ready")
-    d.handle(JoinerReady(2, d.sessions[2]))
+    d.ready(2)
     answer, _ = _admin(d, "ok", Admit(2))
     assert answer.code is None
 
@@ -880,19 +893,26 @@ def test_an_operations_actions_tell_its_start_and_each_ranks_part() -> None:
     out = d.register(2, rejoin=True)
     [started] = of_type(out, OperationStarted)
     assert (started.kind, started.survivors, started.joining) == (OpKind.GROW, (0, 1), (2,))
-    out = d.handle(JoinerReady(2, d.sessions[2]))
-    [ready] = of_type(out, RankDone)
+    out = d.ready(2)
+    ready, *prefetched = of_type(out, RankDone)
     assert (ready.op_id, ready.rank, ready.step, ready.outcome) == (
         started.op_id,
         2,
         Step.WAIT_READY,
         "done",
     )
+    # The prefetch: the joiner and its sources, while the survivors serve.
+    assert {(r.rank, r.step, r.outcome) for r in prefetched} == {
+        (rank, Step.PREFETCH, "done") for rank in (0, 1, 2)
+    }
     assert ready.started_at == started.at < ready.at
     holds = sent(out, Hold)
     out = d.ack(holds[0], Held(holds[0].command.iteration))
     [held] = of_type(out, RankDone)
-    assert (held.rank, held.step) == (holds[0].rank, Step.HOLD) and held.started_at == ready.at
+    # The hold order went out when the last prefetch answer came in.
+    last_prefetch = max(r.at for r in prefetched)
+    assert (held.rank, held.step) == (holds[0].rank, Step.HOLD)
+    assert held.started_at == last_prefetch
     out = d.ack(holds[1], CommandFailed("boom"))
     assert [(a.rank, a.outcome) for a in of_type(out, RankDone)] == [(holds[1].rank, "failed")]
 
@@ -1003,12 +1023,13 @@ def test_after_a_rejoin_nothing_starts_by_itself() -> None:
         for r in range(3):
             out = d.progress(r, 1000 + i)
             assert out == []
-    out = d.handle(JoinerReady(1, d.sessions[1]))
+    out = d.ready(1)
     assert out == []
     for sends in steps.values():
         for s in sends:
             replies: dict[type[Any], Reply] = {
                 Hold: Held(getattr(s.command, "iteration", 0)),
+                Prefetch: Resynced(),
                 Rebuild: GroupsReady(),
                 Resync: Resynced(),
                 Resume: Resumed(),
@@ -1029,7 +1050,7 @@ def test_past_target_retargets_every_survivor_and_refuses_older_held() -> None:
     for r in (0, 1, 3):
         d.progress(r, 50)
     d.register(2, rejoin=True)
-    holds = sent(d.handle(JoinerReady(2, d.sessions[2])), Hold)
+    holds = sent(d.ready(2), Hold)
     first = holds[0].command.iteration
     assert first > 50
     # Rank 0 acks in time; rank 3 was already past the target.
@@ -1182,7 +1203,7 @@ def test_refuses_stale_and_foreign_acks_in_band() -> None:
     for r in (1, 2):
         d.progress(r, 10)
     d.register(0, rejoin=True)
-    holds = sent(d.handle(JoinerReady(0, d.sessions[0])), Hold)
+    holds = sent(d.ready(0), Hold)
     hold = holds[0]
     before = d.machine.record()
     # Stale epoch: names the epoch it carries and the operation's.
@@ -1261,7 +1282,7 @@ def test_joiner_committed_before_a_survivor_dies_stays_a_member() -> None:
     d.form()
     d.shrink(d.kill(2), lambda s: 5)
     d.register(2, rejoin=True)
-    out = d.handle(JoinerReady(2, d.sessions[2]))
+    out = d.ready(2)
     out = d.ack_all(sent(out, Hold), lambda s: Held(s.command.iteration))
     out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
     resumes = sent(d.ack_all(sent(out, Resync), lambda s: Resynced()), Resume)
@@ -1277,11 +1298,11 @@ def test_joiner_committed_before_a_survivor_dies_stays_a_member() -> None:
     assert d.machine.rank_state(2) == "serving"
     # ...and after the shrink nothing else starts (the real agent answers a
     # Retry with JoinerReady; send it anyway to show it is harmless).
-    d.handle(JoinerReady(2, d.sessions[2]))
+    d.ready(2)
     d.shrink(out, lambda s: 60)
     assert d.machine.record().members == (0, 2)
     assert d.machine.op is None and d.machine.phase == Phase.DEGRADED
-    d.handle(JoinerReady(2, d.sessions[2]))
+    d.ready(2)
     assert d.machine.op is None and d.machine.phase == Phase.DEGRADED
 
 
@@ -1293,7 +1314,7 @@ def test_a_joiner_that_cannot_be_planned_is_not_retried_in_a_loop() -> None:
     d.shrink(d.kill(2), lambda s: 6)
     assert d.machine.record().members == (0,)
     d.register(1, rejoin=True)
-    out = d.handle(JoinerReady(1, d.sessions[1]))  # expert 2 lives on ranks 1, 2 only
+    out = d.ready(1)  # expert 2 lives on ranks 1, 2 only
     ended = of_type(out, OperationEnded)
     assert [e.outcome for e in ended] == ["rolled_back"]
     assert "expert 2 of layer 0 has no replica on a healthy rank" in ended[0].reason
@@ -1333,7 +1354,7 @@ def test_a_joiner_is_never_a_survivor_of_a_rollback_shrink() -> None:
     d.shrink(out, lambda s: 4)
     assert d.machine.record().members == (2,)
     # The joiner is admitted the proper way: through a grow with a plan.
-    d.handle(JoinerReady(1, d.sessions[1]))
+    d.ready(1)
     assert d.machine.phase == Phase.PAUSING
 
 
@@ -1342,7 +1363,7 @@ def test_a_failed_command_on_a_live_rank_rolls_the_operation_back() -> None:
     d.form()
     d.shrink(d.kill(2), lambda s: 5)
     d.register(2, rejoin=True)
-    out = d.handle(JoinerReady(2, d.sessions[2]))
+    out = d.ready(2)
     rebuilds = {
         s.rank: s
         for s in sent(d.ack_all(sent(out, Hold), lambda s: Held(s.command.iteration)), Rebuild)
@@ -1624,6 +1645,14 @@ class ClusterSim(RuleBasedStateMachine):
                 self._ack(proc, send, PastTarget(proc.iteration))
             elif proc.mode == "held":
                 proc.mode = "running"
+            return
+        if isinstance(cmd, Prefetch):
+            # WorkerAgent: a source sends from a thread of its own while it
+            # serves; a joiner receives while it waits. Either answers now.
+            if send.command_id not in proc.done:
+                proc.done.add(send.command_id)
+                ok = self._peers_alive(send, cmd.members)
+                self._ack(proc, send, Resynced() if ok else CommandFailed("peer gone"))
             return
         if isinstance(cmd, Abort) and proc.mode == "running":
             # abort_collectives makes the step raise: StepFailed, then serve.
@@ -1945,6 +1974,20 @@ class ClusterSim(RuleBasedStateMachine):
                 # (2) the store prefix names the epoch: generations never mix.
                 assert prefix == store_prefix(CLUSTER, epoch)
                 assert f"/epoch-{epoch}/" in prefix
+            case Prefetch(plan, epoch, members, prefix):
+                # (4) the same plan the pause's Resync carries, moved while the
+                # survivors serve: only to the joiners and the plan's sources,
+                # on a staging group of the target epoch's own prefix.
+                assert op.kind == OpKind.GROW and epoch == op.target_epoch
+                assert plan == transfer_plan(self.placement, survivors, op.joining)
+                assert members == tuple(
+                    sorted({t.src_rank for t in plan.transfers} | set(op.joining))
+                )
+                assert send.rank in members
+                assert prefix == store_prefix(CLUSTER, epoch) + "prefetch/"
+                for rank in {t.src_rank for t in plan.transfers}:
+                    assert rank in survivors and rank in after.members
+                    assert not m.ranks[rank].failed and not self.failed.get(rank)
             case Resync(plan, source, placement):
                 assert send.rank in participants
                 # (4) one plan, the same for every participant, computed from the
@@ -2139,6 +2182,7 @@ class ClusterSim(RuleBasedStateMachine):
             ack = Acked(p.rank, p.session, epoch, op.op_id, op.command_id, Halted(x))
         elif kind == "wrong-type" and op.step != Step.WAIT_READY:
             expected = {
+                Step.PREFETCH: (Resynced,),
                 Step.HOLD: (Held, PastTarget),
                 Step.ABORT: (Halted,),
                 Step.REBUILD: (GroupsReady,),

@@ -46,7 +46,7 @@ from protos.types import Placement, TransferPlan
 from worker_agent.adapter import EngineAdapter, GroupSpec, StepAborted
 from worker_agent.groups import build_gloo_group, release_in_background
 from worker_agent.lease import RankLease
-from worker_agent.resync import execute_resync
+from worker_agent.resync import execute_resync, execute_transfers
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,9 @@ class WorkerAgent:
         self._last_command_key: tuple[str, int] | None = None
         self._ready_announced = False
         self._group: dist.ProcessGroup | None = None
+        # The staging group of a prefetch, and what was prefetched: (op id, plan).
+        self._staging: dist.ProcessGroup | None = None
+        self._prefetched: tuple[str, TransferPlan] | None = None
         self._members: tuple[int, ...] = ()
         self._progress_interval_s = 0.05
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -263,18 +266,22 @@ class WorkerAgent:
                 )
                 build_ms = (time.perf_counter() - started) * 1000.0
                 self._ack(order, groups_ready=worker_pb2.GroupsReady(build_ms=build_ms))
+            case "prefetch":
+                self._prefetch(order)
             case "resync":
                 if self._group is None:
                     raise RuntimeError("resync before the groups of the epoch were built")
+                plan = TransferPlan.from_proto(cmd.resync.plan)
                 result = execute_resync(
                     group=self._group,
                     rank=self.config.rank,
                     members=self._members,
-                    plan=TransferPlan.from_proto(cmd.resync.plan),
+                    plan=plan,
                     metadata_source=cmd.resync.metadata_source,
                     placement=Placement.from_proto(cmd.resync.placement),
                     adapter=self.adapter,
                     aborted=superseded,
+                    prefetched=self._prefetched == (order.op_id, plan),
                 )
                 self._ack(
                     order,
@@ -313,6 +320,55 @@ class WorkerAgent:
             case "hold":
                 pass  # the agent thread handles hold orders
         return False
+
+    def _prefetch(self, order: _Order) -> None:
+        """Carry out a Prefetch: this rank's part of the plan on the staging group."""
+        cmd = order.command.prefetch
+        g = cmd.groups
+        spec = GroupSpec(
+            epoch=g.epoch,
+            store_host=g.store_host,
+            store_port=g.store_port,
+            store_prefix=g.store_prefix,
+            members=tuple(g.members),
+            timeout_s=g.timeout_ms / 1000.0,
+        )
+        plan = TransferPlan.from_proto(cmd.plan)
+        superseded = self._superseded_by_newer(order)
+        started = time.perf_counter()
+        self._staging = build_gloo_group(
+            spec, self.config.rank, "staging", superseded, self.config.group_hostname
+        )
+        try:
+            received, sent = execute_transfers(
+                group=self._staging,
+                rank=self.config.rank,
+                members=spec.members,
+                plan=plan,
+                adapter=self.adapter,
+                aborted=superseded,
+            )
+        finally:
+            release_in_background(self, "_staging")
+        self._prefetched = (order.op_id, plan)
+        self._ack(
+            order,
+            resynced=worker_pb2.Resynced(
+                bytes_received=received,
+                bytes_sent=sent,
+                transfer_ms=(time.perf_counter() - started) * 1000.0,
+            ),
+        )
+
+    def _prefetch_while_serving(self, order: _Order) -> None:
+        """A source's prefetch, on a thread of its own: the engine serves on.
+        Expert weights do not change while serving, so reading them here races
+        with nothing."""
+        try:
+            self._prefetch(order)
+        except Exception as exc:
+            log.exception("prefetch failed", extra=fields(op_id=order.op_id))
+            self._ack(order, failed=worker_pb2.CommandFailed(message=str(exc)[:500]))
 
     def _superseded_by_newer(self, order: _Order) -> _Superseded:
         return _Superseded(self, order.command_id)
@@ -538,6 +594,11 @@ class WorkerAgent:
         kind = cmd.WhichOneof("body")
         if kind == "hold":
             self._on_hold(order)
+            return
+        if kind == "prefetch" and self._admitted:
+            threading.Thread(
+                target=self._prefetch_while_serving, args=(order,), name="ep-prefetch", daemon=True
+            ).start()
             return
         if kind == "leave":
             self._on_leave(cmd.leave.reason)
