@@ -33,7 +33,7 @@ NAMESPACE = "ep_coordinator"
 
 # Rank states as `RecoveryStateMachine.rank_state` names them; each is exported
 # (as 0 when no rank is in it) so a dashboard's series never vanish.
-RANK_STATES = ("absent", "registered", "serving", "suspect", "failed", "joining")
+RANK_STATES = ("absent", "registered", "serving", "suspect", "failed", "joining", "drained")
 OUTCOMES = ("completed", "rolled_back")
 
 # Operation phases last milliseconds to seconds; idle phases (steady,
@@ -82,7 +82,7 @@ class CoordinatorMetrics:
         )
         self.operations = Counter(
             "operations",
-            "Operations ended, by kind (form, shrink, grow) and outcome.",
+            "Operations ended, by kind (form, shrink, grow, drain) and outcome.",
             ["kind", "outcome"],
             namespace=NAMESPACE,
             registry=r,

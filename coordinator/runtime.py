@@ -20,9 +20,7 @@ import os
 import socket
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import aetcd
 import grpc
@@ -33,14 +31,20 @@ from coordinator import state_machine as sm
 from coordinator.cluster_store import ClusterStore, StaleWrite
 from coordinator.config import CoordinatorConfig, split_host_port
 from coordinator.election import Deposed, LeaderLease, campaign
+from coordinator.history import History
 from coordinator.logs import fields
 from coordinator.membership import LeaseWatcher
 from coordinator.metrics import CoordinatorMetrics, bound_port, start_metrics_server
-from coordinator.services import SessionChannel, add_services, set_serving
+from coordinator.services import (
+    SessionChannel,
+    Watcher,
+    add_services,
+    event_to_proto,
+    set_serving,
+)
 
 log = logging.getLogger(__name__)
 
-HISTORY = 256
 # How long an admin call waits for the state machine's answer.
 ADMIN_TIMEOUT_S = 10.0
 # How often phase deadlines are checked: their resolution.
@@ -50,29 +54,6 @@ METRICS_LOCK_WAIT_S = 1.0
 # A record write that etcd did not take is retried this often until the leader
 # lease would have expired; then this coordinator steps down.
 PERSIST_RETRY_S = 0.1
-
-
-@dataclass
-class PhaseSpanRecord:
-    phase: sm.Phase
-    op_id: str
-    epoch: int
-    start_unix_ms: float
-    end_unix_ms: float = 0.0
-
-
-@dataclass
-class History:
-    """Recent timeline, failures and finished operations, for GetStatus."""
-
-    timeline: deque[PhaseSpanRecord] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    failures: deque[tuple[sm.RankFailed, float, float]] = field(
-        default_factory=lambda: deque(maxlen=HISTORY)
-    )
-    operations: deque[tuple[sm.OperationEnded, float, float]] = field(
-        default_factory=lambda: deque(maxlen=HISTORY)
-    )
-    op_started_unix_ms: dict[str, float] = field(default_factory=dict)
 
 
 class Coordinator:
@@ -111,6 +92,9 @@ class Coordinator:
         self._admin_waiters: dict[str, list[asyncio.Future[sm.AdminAnswered]]] = {}
         # Called with every phase entered (e.g. the systemd STATUS= line).
         self.phase_hooks: list[Callable[[sm.PhaseEntered], None]] = []
+        # WatchEvents streams; each gets every event after its snapshot.
+        self.watchers: set[Watcher] = set()
+        self.event_seq = 0
         # Wall clock of a monotonic instant, for times other processes compare.
         self._wall_offset = time.time() - time.monotonic()
 
@@ -179,6 +163,7 @@ class Coordinator:
                 await task
         for channel in self.sessions.values():
             channel.outbox.put_nowait(None)
+        self.end_watches()
         if self._etcd is not None:
             await self._etcd.close()
         self._store = None
@@ -292,10 +277,15 @@ class Coordinator:
             case sm.Accept() | sm.Send() | sm.Refuse():
                 self.deliver(action)
             case sm.AdminAnswered():
+                method, arguments = (
+                    sm.describe_admin(action.command) if action.command else ("", "")
+                )
                 log.info(
                     "admin call answered",
                     extra=fields(
                         request_id=action.request_id,
+                        method=method,
+                        arguments=arguments,
                         code=action.code or "OK",
                         message=action.message,
                         replayed=action.replayed,
@@ -304,22 +294,42 @@ class Coordinator:
                 for future in self._admin_waiters.pop(action.request_id, []):
                     if not future.done():
                         future.set_result(action)
+                self._publish(action, self.unix_ms(time.monotonic()))
             case sm.PhaseEntered():
                 self._record_phase(action)
             case sm.RankFailed():
                 suspected = (
-                    self._unix_ms(action.suspected_at) if action.suspected_at is not None else 0.0
+                    self.unix_ms(action.suspected_at) if action.suspected_at is not None else 0.0
                 )
-                self.history.failures.append((action, suspected, self._unix_ms(action.at)))
+                at = self.unix_ms(action.at)
+                self.history.failed(action, suspected, at)
                 self.metrics.observe_failure(action)
                 log.warning(
                     "rank failed",
                     extra=fields(rank=action.rank, reason=action.reason, epoch=self.machine.epoch),
                 )
+                self._publish(action, at)
+            case sm.OperationStarted():
+                at = self.unix_ms(action.at)
+                self.history.operation_started(action, at)
+                log.info(
+                    "operation started",
+                    extra=fields(
+                        op_id=action.op_id,
+                        kind=action.kind,
+                        target_epoch=action.target_epoch,
+                        joining=list(action.joining),
+                        leaving=list(action.leaving),
+                    ),
+                )
+                self._publish(action, at)
+            case sm.RankDone():
+                self.history.rank_done(
+                    action, self.unix_ms(action.started_at), self.unix_ms(action.at)
+                )
             case sm.OperationEnded():
-                now = self._unix_ms(time.monotonic())
-                start = self.history.op_started_unix_ms.pop(action.op_id, now)
-                self.history.operations.append((action, start, now))
+                now = self.unix_ms(action.at)
+                self.history.operation_ended(action, now)
                 self.metrics.observe_operation(action)
                 log.info(
                     "operation ended",
@@ -332,6 +342,7 @@ class Coordinator:
                         reason=action.reason,
                     ),
                 )
+                self._publish(action, now)
 
     def deliver(self, action: sm.Accept | sm.Send | sm.Refuse) -> None:
         """Queue a message for its session (dropped if the session is gone);
@@ -343,26 +354,57 @@ class Coordinator:
             channel.outbox.put_nowait(action)
 
     def _record_phase(self, action: sm.PhaseEntered) -> None:
-        at = self._unix_ms(action.at)
-        if self.history.timeline:
-            last = self.history.timeline[-1]
-            last.end_unix_ms = at
-            self.metrics.observe_phase(last.phase, (at - last.start_unix_ms) / 1000.0)
-        self.history.timeline.append(PhaseSpanRecord(action.phase, action.op_id, action.epoch, at))
-        if action.op_id:
-            self.history.op_started_unix_ms.setdefault(action.op_id, at)
+        at = self.unix_ms(action.at)
+        closed = self.history.phase_entered(action, at)
+        if closed is not None:
+            self.metrics.observe_phase(closed.phase, (at - closed.start_unix_ms) / 1000.0)
         log.info(
             "phase",
             extra=fields(phase=action.phase, epoch=action.epoch, op_id=action.op_id),
         )
+        self._publish(action, at)
         for hook in self.phase_hooks:
             try:
                 hook(action)
             except Exception:
                 log.exception("phase hook failed", extra=fields(phase=action.phase))
 
-    def _unix_ms(self, monotonic_s: float) -> float:
+    def unix_ms(self, monotonic_s: float) -> float:
         return (monotonic_s + self._wall_offset) * 1000.0
+
+    # --- the event stream -----------------------------------------------------
+
+    def watch(self) -> Watcher:
+        """A new WatchEvents subscriber. Call it holding `dispatch_lock`, with
+        the snapshot taken under the same hold: no event falls between them."""
+        watcher = Watcher()
+        self.watchers.add(watcher)
+        return watcher
+
+    def unwatch(self, watcher: Watcher) -> None:
+        self.watchers.discard(watcher)
+
+    def end_watches(self) -> None:
+        """End every WatchEvents stream cleanly (at shutdown)."""
+        for watcher in self.watchers:
+            watcher.close()
+        self.watchers.clear()
+
+    def _publish(self, action: sm.Action, unix_ms: float) -> None:
+        """Hand an event to every watcher. Called as actions are carried out,
+        after the record was persisted: a watcher never sees a transition
+        etcd does not hold."""
+        self.event_seq += 1
+        if not self.watchers:
+            return  # nobody listens: no conversion
+        event = event_to_proto(self, action, unix_ms, self.event_seq)
+        if event is None:
+            return
+        for watcher in list(self.watchers):
+            if not watcher.offer(event):
+                # Too slow to keep up: cut it off rather than buffer without bound.
+                self.watchers.discard(watcher)
+                log.warning("event watcher fell behind; its stream ends")
 
     async def render_metrics(self, accept: str = "") -> tuple[bytes, str]:
         """The /metrics body and content type, with the state gauges read now.
@@ -484,6 +526,8 @@ async def _lead(
     finally:
         # Health watchers (load balancers) hear NOT_SERVING before the server goes.
         await set_serving(health, False)
+        # Watch streams end now rather than at the server's grace deadline.
+        coordinator.end_watches()
         if metrics_server is not None:
             metrics_server.close()
             with contextlib.suppress(Exception):

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from coordinator import state_machine as sm
+from coordinator.history import OperationRecord
 from coordinator.logs import fields
 from protos.ep_recovery.v1 import (
     admin_pb2,
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0
+# Events a WatchEvents stream may fall behind by before it is cut off.
+WATCH_BACKLOG = 1024
 
 PHASE_TO_PROTO: dict[sm.Phase, common_pb2.Phase] = {
     phase: cast(common_pb2.Phase, common_pb2.Phase.Value(f"PHASE_{phase.name}"))
@@ -42,6 +45,7 @@ RANK_STATE_TO_PROTO = {
     "suspect": admin_pb2.RANK_STATE_SUSPECT,
     "failed": admin_pb2.RANK_STATE_FAILED,
     "joining": admin_pb2.RANK_STATE_JOINING,
+    "drained": admin_pb2.RANK_STATE_DRAINED,
 }
 
 
@@ -63,6 +67,18 @@ def command_to_proto(coordinator: Coordinator, send: sm.Send) -> worker_pb2.Coor
                     timeout_ms=int(coordinator.config.group_timeout_s * 1000),
                 )
             )
+        case sm.Prefetch(plan, epoch, members, prefix):
+            cmd.prefetch.plan.CopyFrom(plan.to_proto())
+            cmd.prefetch.groups.CopyFrom(
+                worker_pb2.GroupSpec(
+                    epoch=epoch,
+                    store_host=coordinator.config.store_host,
+                    store_port=coordinator.store_port,
+                    store_prefix=prefix,
+                    members=list(members),
+                    timeout_ms=int(coordinator.config.group_timeout_s * 1000),
+                )
+            )
         case sm.Resync(plan, source, placement):
             cmd.resync.plan.CopyFrom(plan.to_proto())
             cmd.resync.metadata_source = source
@@ -72,6 +88,8 @@ def command_to_proto(coordinator: Coordinator, send: sm.Send) -> worker_pb2.Coor
             cmd.resume.members.extend(members)
         case sm.Retry(reason):
             cmd.retry.reason = reason
+        case sm.Leave(reason):
+            cmd.leave.reason = reason
     return worker_pb2.CoordinatorMessage(command=cmd)
 
 
@@ -263,6 +281,76 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         command = sm.SetAutoRejoin(request.enabled)
         return await self._mutate(request.request_id, command, context)
 
+    async def Drain(
+        self, request: admin_pb2.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdminReply:
+        return await self._mutate(request.request_id, sm.Drain(request.rank), context)
+
+    async def Admit(
+        self, request: admin_pb2.AdmitRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdminReply:
+        return await self._mutate(request.request_id, sm.Admit(request.rank), context)
+
+    async def ListOperations(
+        self, request: admin_pb2.ListOperationsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListOperationsReply:
+        if request.limit < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"limit must be 0 (all kept) or positive, got {request.limit}",
+            )
+        async with self.coordinator.dispatch_lock:
+            records = self.coordinator.history.newest_first(request.limit)
+            phase = self.coordinator.machine.phase
+            return admin_pb2.ListOperationsReply(
+                operations=[operation_summary(r, phase) for r in records]
+            )
+
+    async def GetOperation(
+        self, request: admin_pb2.GetOperationRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.OperationDetail:
+        if not request.op_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "op_id is empty")
+        async with self.coordinator.dispatch_lock:
+            history = self.coordinator.history
+            record = history.operations.get(request.op_id)
+            if record is not None:
+                return operation_detail(record, self.coordinator.machine.phase)
+            kept = len(history.operations)
+        await context.abort(
+            grpc.StatusCode.NOT_FOUND,
+            f"no operation {request.op_id!r} in this coordinator's history "
+            f"({kept} kept; see ListOperations)",
+        )
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def WatchEvents(
+        self, request: admin_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        coordinator = self.coordinator
+        # The snapshot and the subscription under one hold of the dispatch
+        # lock: every event after the snapshot reaches the watcher, none twice.
+        async with coordinator.dispatch_lock:
+            first = admin_pb2.ClusterEvent(
+                seq=coordinator.event_seq,
+                unix_ms=time.time() * 1000.0,
+                snapshot=status_to_proto(coordinator),
+            )
+            watcher = coordinator.watch()
+        log.info("event watch started", extra=fields(peer=context.peer()))
+        try:
+            await context.write(first)
+            while (event := await watcher.next()) is not None:
+                await context.write(event)
+            if watcher.overflowed:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the watcher fell more than {WATCH_BACKLOG} events behind; watch again",
+                )
+        finally:
+            coordinator.unwatch(watcher)
+            log.info("event watch ended", extra=fields(peer=context.peer()))
+
     async def _mutate(
         self, request_id: str, command: sm.AdminCommand, context: grpc.aio.ServicerContext
     ) -> admin_pb2.AdminReply:
@@ -278,8 +366,146 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         if answer.code is not None:
             await context.abort(getattr(grpc.StatusCode, answer.code.value), answer.message)
         return admin_pb2.AdminReply(
-            request_id=request_id, message=answer.message, replayed=answer.replayed
+            request_id=request_id,
+            message=answer.message,
+            replayed=answer.replayed,
+            op_id=answer.op_id,
         )
+
+
+class Watcher:
+    """One WatchEvents stream's queue. The dispatcher offers events without
+    ever waiting; a stream that falls WATCH_BACKLOG events behind is ended
+    (`overflowed`) rather than buffered without bound."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[admin_pb2.ClusterEvent | None] = asyncio.Queue()
+        self.overflowed = False
+        self._closed = False
+
+    def offer(self, event: admin_pb2.ClusterEvent) -> bool:
+        """Queue `event`; False (and the stream ends) when it is too far behind."""
+        if self._closed:
+            return False
+        if self._queue.qsize() >= WATCH_BACKLOG:
+            self.overflowed = True
+            self.close()
+            return False
+        self._queue.put_nowait(event)
+        return True
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put_nowait(None)
+
+    async def next(self) -> admin_pb2.ClusterEvent | None:
+        """The next event; None once the stream is to end."""
+        return await self._queue.get()
+
+
+def operation_summary(record: OperationRecord, phase: sm.Phase) -> admin_pb2.OperationSummary:
+    """`phase`: the machine's phase now, shown for the operation in flight."""
+    summary = admin_pb2.OperationSummary(
+        op_id=record.op_id,
+        kind=record.kind,
+        outcome=record.outcome,
+        start_unix_ms=record.start_unix_ms,
+        end_unix_ms=record.end_unix_ms,
+        target_epoch=record.target_epoch,
+        survivors=list(record.survivors),
+        joining=list(record.joining),
+        leaving=list(record.leaving),
+    )
+    ended = record.ended
+    if ended is None:
+        summary.epoch = record.epoch
+        summary.phase = PHASE_TO_PROTO[phase]
+    else:
+        summary.epoch = ended.epoch
+        summary.joined.extend(ended.joined)
+        summary.left.extend(ended.left)
+        summary.stall_ms = ended.stall_ms
+        summary.reason = ended.reason
+        summary.retargets = ended.retargets
+    return summary
+
+
+def operation_detail(record: OperationRecord, phase: sm.Phase) -> admin_pb2.OperationDetail:
+    detail = admin_pb2.OperationDetail(summary=operation_summary(record, phase))
+    for span in record.phases:
+        detail.phases.add(
+            phase=PHASE_TO_PROTO[span.phase],
+            op_id=span.op_id,
+            epoch=span.epoch,
+            start_unix_ms=span.start_unix_ms,
+            end_unix_ms=span.end_unix_ms,
+        )
+    for r in record.ranks:
+        detail.ranks.add(
+            rank=r.rank,
+            step=r.step,
+            start_unix_ms=r.start_unix_ms,
+            end_unix_ms=r.end_unix_ms,
+            outcome=r.outcome,
+        )
+    return detail
+
+
+def event_to_proto(
+    coordinator: Coordinator, action: sm.Action, unix_ms: float, seq: int
+) -> admin_pb2.ClusterEvent | None:
+    """The WatchEvents form of an action the runtime carried out (None for
+    actions that are not events: commands, persists, per-rank steps)."""
+    event = admin_pb2.ClusterEvent(seq=seq, unix_ms=unix_ms)
+    history = coordinator.history
+    match action:
+        case sm.PhaseEntered():
+            event.phase.CopyFrom(
+                admin_pb2.PhaseSpan(
+                    phase=PHASE_TO_PROTO[action.phase],
+                    op_id=action.op_id,
+                    epoch=action.epoch,
+                    start_unix_ms=unix_ms,
+                )
+            )
+        case sm.OperationStarted() | sm.OperationEnded():
+            record = history.operations.get(action.op_id)
+            if record is None:
+                return None
+            summary = operation_summary(record, coordinator.machine.phase)
+            if isinstance(action, sm.OperationStarted):
+                event.operation_started.CopyFrom(summary)
+            else:
+                event.operation_ended.CopyFrom(summary)
+        case sm.RankFailed():
+            suspected = (
+                coordinator.unix_ms(action.suspected_at) if action.suspected_at is not None else 0.0
+            )
+            event.rank_failed.CopyFrom(
+                admin_pb2.FailureRecord(
+                    rank=action.rank,
+                    reason=action.reason,
+                    suspected_unix_ms=suspected,
+                    confirmed_unix_ms=unix_ms,
+                )
+            )
+        case sm.AdminAnswered():
+            method, arguments = sm.describe_admin(action.command) if action.command else ("", "")
+            event.admin_call.CopyFrom(
+                admin_pb2.AdminCall(
+                    request_id=action.request_id,
+                    method=method,
+                    arguments=arguments,
+                    code=action.code.value if action.code is not None else "OK",
+                    message=action.message,
+                    replayed=action.replayed,
+                    op_id=action.op_id,
+                )
+            )
+        case _:
+            return None
+    return event
 
 
 def status_to_proto(coordinator: Coordinator) -> admin_pb2.ClusterStatus:
@@ -307,6 +533,7 @@ def status_to_proto(coordinator: Coordinator) -> admin_pb2.ClusterStatus:
             )
             rs.incarnation = view.incarnation
             rs.lease_id = view.lease_id
+            rs.ready = view.ready and rank in machine.joiners
         else:
             rs.last_heartbeat_ms_ago = -1
     op = machine.op
@@ -337,20 +564,8 @@ def status_to_proto(coordinator: Coordinator) -> admin_pb2.ClusterStatus:
             suspected_unix_ms=suspected,
             confirmed_unix_ms=confirmed,
         )
-    for ended, start, end in history.operations:
-        status.operations.add(
-            op_id=ended.op_id,
-            kind=ended.kind,
-            outcome=ended.outcome,
-            epoch=ended.epoch,
-            joined=list(ended.joined),
-            left=list(ended.left),
-            stall_ms=ended.stall_ms,
-            start_unix_ms=start,
-            end_unix_ms=end,
-            reason=ended.reason,
-            retargets=ended.retargets,
-        )
+    for record in history.ended_operations():
+        status.operations.append(operation_summary(record, machine.phase))
     return status
 
 

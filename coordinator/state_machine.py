@@ -12,6 +12,9 @@ Operations (each moves the cluster from one epoch to the next):
 - shrink: ABORT -> REBUILD -> RESUME        (a member failed; also the rollback
                                              of an abandoned grow)
 - grow:   WAIT_READY -> HOLD -> REBUILD -> RESYNC -> RESUME
+- drain:  HOLD -> REBUILD -> RESUME           (an operator removes a live member;
+                                             it holds at the cut with the
+                                             survivors, then is told to leave)
 
 The new epoch is committed just before RESUME is sent. A failure during an
 operation abandons it; the survivors of the last committed epoch then run a
@@ -71,6 +74,7 @@ DEFAULT_DEADLINES_S: dict[Phase, float | None] = {
 
 class Step(StrEnum):
     WAIT_READY = "wait_ready"
+    PREFETCH = "prefetch"
     HOLD = "hold"
     ABORT = "abort"
     REBUILD = "rebuild"
@@ -82,12 +86,25 @@ class OpKind(StrEnum):
     FORM = "form"
     SHRINK = "shrink"
     GROW = "grow"
+    DRAIN = "drain"
 
 
 STEPS: dict[OpKind, tuple[Step, ...]] = {
     OpKind.FORM: (Step.REBUILD, Step.RESUME),
     OpKind.SHRINK: (Step.ABORT, Step.REBUILD, Step.RESUME),
-    OpKind.GROW: (Step.WAIT_READY, Step.HOLD, Step.REBUILD, Step.RESYNC, Step.RESUME),
+    # PREFETCH moves the joiner's experts while everyone serves; RESYNC, in the
+    # pause, then only hands over the metadata (and what moved meanwhile).
+    OpKind.GROW: (
+        Step.WAIT_READY,
+        Step.PREFETCH,
+        Step.HOLD,
+        Step.REBUILD,
+        Step.RESYNC,
+        Step.RESUME,
+    ),
+    # No ABORT: a drained rank is alive, so everyone can stop at one iteration
+    # boundary instead of rolling back to a cut.
+    OpKind.DRAIN: (Step.HOLD, Step.REBUILD, Step.RESUME),
 }
 
 PHASE_OF: dict[tuple[OpKind, Step], Phase] = {
@@ -97,10 +114,14 @@ PHASE_OF: dict[tuple[OpKind, Step], Phase] = {
     (OpKind.SHRINK, Step.REBUILD): Phase.SHRINKING,
     (OpKind.SHRINK, Step.RESUME): Phase.SHRINKING,
     (OpKind.GROW, Step.WAIT_READY): Phase.ADMITTING,
+    (OpKind.GROW, Step.PREFETCH): Phase.ADMITTING,
     (OpKind.GROW, Step.HOLD): Phase.PAUSING,
     (OpKind.GROW, Step.REBUILD): Phase.REBUILDING,
     (OpKind.GROW, Step.RESYNC): Phase.RESYNCING,
     (OpKind.GROW, Step.RESUME): Phase.RESUMING,
+    (OpKind.DRAIN, Step.HOLD): Phase.PAUSING,
+    (OpKind.DRAIN, Step.REBUILD): Phase.SHRINKING,
+    (OpKind.DRAIN, Step.RESUME): Phase.SHRINKING,
 }
 
 
@@ -239,7 +260,36 @@ class SetAutoRejoin:
     enabled: bool
 
 
-AdminCommand = AbortOperation | SetAutoRejoin
+@dataclass(frozen=True)
+class Drain:
+    """Remove a live member gracefully: the cluster shrinks without it, and it
+    is told to leave. It is not admitted again until an operator's Admit."""
+
+    rank: int
+
+
+@dataclass(frozen=True)
+class Admit:
+    """Start the admission of a registered, ready joiner now (needed when
+    automatic rejoin is off, and for a rank that was drained)."""
+
+    rank: int
+
+
+AdminCommand = AbortOperation | SetAutoRejoin | Drain | Admit
+
+
+def describe_admin(command: AdminCommand) -> tuple[str, str]:
+    """The call's name and its arguments as text, for logs and the event stream."""
+    match command:
+        case AbortOperation(op_id=op_id, reason=reason):
+            return "AbortOperation", f"op_id={op_id!r} reason={reason!r}"
+        case SetAutoRejoin(enabled=enabled):
+            return "SetAutoRejoin", f"enabled={enabled}"
+        case Drain(rank=rank):
+            return "Drain", f"rank={rank}"
+        case Admit(rank=rank):
+            return "Admit", f"rank={rank}"
 
 
 @dataclass(frozen=True)
@@ -283,6 +333,19 @@ class Rebuild:
 
 
 @dataclass(frozen=True)
+class Prefetch:
+    """Move the plan's experts on a staging group of the joiners and their
+    sources, while the survivors serve (their agents send from a thread of
+    their own). The same plan comes again in the pause's Resync; ranks that
+    carried it out here skip its transfers there."""
+
+    plan: TransferPlan
+    epoch: int
+    members: tuple[int, ...]
+    store_prefix: str
+
+
+@dataclass(frozen=True)
 class Resync:
     plan: TransferPlan
     metadata_source: int
@@ -300,7 +363,14 @@ class Retry:
     reason: str
 
 
-CommandBody = Hold | Abort | Rebuild | Resync | Resume | Retry
+@dataclass(frozen=True)
+class Leave:
+    """The rank was drained: it is no longer a member and stops serving."""
+
+    reason: str
+
+
+CommandBody = Hold | Abort | Rebuild | Prefetch | Resync | Resume | Retry | Leave
 
 
 @dataclass(frozen=True)
@@ -357,6 +427,32 @@ class RankFailed:
 
 
 @dataclass(frozen=True)
+class OperationStarted:
+    op_id: str
+    kind: OpKind
+    epoch: int  # the committed epoch it starts from
+    target_epoch: int
+    survivors: tuple[int, ...]
+    joining: tuple[int, ...]
+    leaving: tuple[int, ...]
+    at: float
+
+
+@dataclass(frozen=True)
+class RankDone:
+    """A rank finished its part of an operation's step: its ack counted (or,
+    for a joiner, it announced readiness). The per-rank timeline of an
+    operation is made of these; `started_at` is when the command went out."""
+
+    op_id: str
+    rank: int
+    step: Step
+    started_at: float
+    at: float
+    outcome: str  # "done" or "failed"
+
+
+@dataclass(frozen=True)
 class OperationEnded:
     op_id: str
     kind: OpKind
@@ -367,20 +463,33 @@ class OperationEnded:
     stall_ms: float
     reason: str = ""
     retargets: int = 0
+    at: float = 0.0
 
 
 @dataclass(frozen=True)
 class AdminAnswered:
-    """The answer to AdminRequested: `code` None is success."""
+    """The answer to AdminRequested: `code` None is success. `op_id`: the
+    operation the call started or rolled back; `command`: what was asked."""
 
     request_id: str
     code: Code | None
     message: str
     replayed: bool = False
+    op_id: str = ""
+    command: AdminCommand | None = None
 
 
 Action = (
-    Accept | Refuse | Send | Persist | PhaseEntered | RankFailed | OperationEnded | AdminAnswered
+    Accept
+    | Refuse
+    | Send
+    | Persist
+    | PhaseEntered
+    | RankFailed
+    | OperationStarted
+    | RankDone
+    | OperationEnded
+    | AdminAnswered
 )
 
 # Answers kept for replay to a retried admin call (per request id).
@@ -419,6 +528,8 @@ class ClusterRecord:
     op_seq: int
     next_command_id: int = 1
     auto_rejoin: bool = True
+    # Ranks an operator drained and has not admitted again: never auto-admitted.
+    drained: tuple[int, ...] = ()
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -461,6 +572,7 @@ class ClusterRecord:
                 op_seq=int(d["op_seq"]),
                 next_command_id=int(d.get("next_command_id", 1)),
                 auto_rejoin=bool(d.get("auto_rejoin", True)),
+                drained=tuple(int(r) for r in d.get("drained", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"unreadable cluster record: {exc!r}") from exc
@@ -490,6 +602,7 @@ class Operation:
     step: Step = Step.WAIT_READY
     step_started_at: float = 0.0
     command: CommandBody | None = None
+    command_sent_at: float = 0.0
     command_id: int = 0
     awaiting: set[int] = field(default_factory=set)
     hold_iteration: int | None = None
@@ -502,6 +615,15 @@ class Operation:
     @property
     def participants(self) -> tuple[int, ...]:
         return tuple(sorted(self.survivors + self.joining))
+
+    @property
+    def hold_ranks(self) -> tuple[int, ...]:
+        """The ranks told to hold at the cut: the survivors, and a rank being
+        drained. It is still in the old groups, so it stops at the same
+        boundary rather than leaving its peers inside a collective."""
+        if self.kind == OpKind.DRAIN:
+            return tuple(sorted(self.survivors + self.leaving))
+        return self.survivors
 
     def record(self) -> OperationRecord:
         return OperationRecord(
@@ -551,6 +673,9 @@ class RecoveryStateMachine:
         self.last_epoch = 0
         self.op_seq = 0
         self._next_command_id = 1
+        # Drained by an operator and not admitted since: only an Admit brings
+        # them back, whatever auto_rejoin says.
+        self.drained: set[int] = set()
         # Ranks that reported a failed step in this epoch, and when: evidence
         # that, together with a broken session, confirms a death before the
         # lease ends.
@@ -610,6 +735,7 @@ class RecoveryStateMachine:
             op_seq=self.op_seq,
             next_command_id=self._next_command_id,
             auto_rejoin=self.auto_rejoin,
+            drained=tuple(sorted(self.drained)),
         )
 
     def restore(
@@ -641,6 +767,7 @@ class RecoveryStateMachine:
         self.op_seq = record.op_seq
         self._next_command_id = max(self._next_command_id, record.next_command_id)
         self.auto_rejoin = record.auto_rejoin  # an operator's choice outlives a restart
+        self.drained = set(record.drained)
         self.phase = record.phase
         for rank in self.members:
             if rank in live:
@@ -683,11 +810,13 @@ class RecoveryStateMachine:
         return self.op.participants
 
     def rank_state(self, rank: int) -> str:
+        if rank in self.joiners:
+            return "joining"
+        if rank in self.drained:
+            return "drained"
         view = self.ranks.get(rank)
         if view is None:
             return "absent"
-        if rank in self.joiners:
-            return "joining"
         if view.failed:
             return "failed"
         if rank in self.members and view.suspected_at is not None:
@@ -723,6 +852,15 @@ class RecoveryStateMachine:
                 f"the cluster's {self.fingerprint!r}",
             )
         view = self.ranks.get(ev.rank)
+        if ev.rank in self.drained and view and view.incarnation == ev.incarnation:
+            # The drained process itself, reconnecting (its Leave was lost with
+            # the old session): it has no place here any more.
+            return self._refuse_hello(
+                ev,
+                Code.FAILED_PRECONDITION,
+                f"rank {ev.rank} was drained from cluster {self.cluster!r}; it stays out "
+                "until an operator admits it (relaunch it with --rejoin, then Admit)",
+            )
         if view and not view.failed and view.incarnation == ev.incarnation:
             # The same process reconnecting (its session broke): adopt the new one.
             return self._reattach(ev, view)
@@ -830,6 +968,11 @@ class RecoveryStateMachine:
         view = self.ranks.get(ev.rank)
         if view is None or view.failed or (ev.lease_id and ev.lease_id != view.lease_id):
             return
+        if ev.rank in self.drained and ev.rank not in self.joiners:
+            # A drained rank that left revokes its lease: the end of the drain,
+            # not a failure.
+            view.session = None
+            return
         self._confirm_failed(ev.rank, "lease expired")
 
     def _on_progress(self, ev: ProgressReported) -> None:
@@ -852,9 +995,16 @@ class RecoveryStateMachine:
         if not self._mark_failed(rank, reason):
             return
         op = self.op
-        if op is not None and rank in op.participants:
+        if op is not None and self._needed_by(op, rank):
             self._abandon(f"rank {rank} failed: {reason}")
         self._maybe_start_operation()
+
+    @staticmethod
+    def _needed_by(op: Operation, rank: int) -> bool:
+        """Whether the operation cannot go on without `rank`: a participant of
+        the new epoch, or, until everyone holds at the cut, any rank still in
+        the old groups (a drained rank dying there breaks its peers' step)."""
+        return rank in op.participants or (op.step == Step.HOLD and rank in op.hold_ranks)
 
     def _mark_failed(self, rank: int, reason: str) -> bool:
         view = self.ranks.setdefault(rank, RankView())
@@ -876,6 +1026,7 @@ class RecoveryStateMachine:
                     ev.request_id,
                     Code.INVALID_ARGUMENT,
                     f"request_id must be 1 to 128 characters, got {len(ev.request_id)}",
+                    command=ev.command,
                 )
             )
         seen = self._admin_answers.get(ev.request_id)
@@ -887,10 +1038,11 @@ class RecoveryStateMachine:
                         ev.request_id,
                         Code.INVALID_ARGUMENT,
                         f"request_id {ev.request_id!r} was already used for {request}",
+                        command=ev.command,
                     )
                 )
             return self._emit(replace(answer, replayed=True))
-        answer = self._admin(ev.request_id, ev.command)
+        answer = replace(self._admin(ev.request_id, ev.command), command=ev.command)
         self._admin_answers[ev.request_id] = (ev.command, answer)
         while len(self._admin_answers) > ADMIN_ANSWERS_KEPT:
             self._admin_answers.popitem(last=False)
@@ -914,7 +1066,7 @@ class RecoveryStateMachine:
                         Code.NOT_FOUND,
                         f"operation {op_id!r} is not in flight (in flight: {current})",
                     )
-                if op.kind != OpKind.GROW:
+                if op.kind not in (OpKind.GROW, OpKind.DRAIN):
                     return AdminAnswered(
                         request_id,
                         Code.FAILED_PRECONDITION,
@@ -922,7 +1074,147 @@ class RecoveryStateMachine:
                         "and cannot be aborted",
                     )
                 self._abandon(f"aborted by an operator: {reason or 'no reason given'}")
-                return AdminAnswered(request_id, None, f"operation {op_id!r} rolled back")
+                return AdminAnswered(
+                    request_id, None, f"operation {op_id!r} rolled back", op_id=op_id
+                )
+            case Drain(rank=rank):
+                return self._drain(request_id, rank)
+            case Admit(rank=rank):
+                return self._admit(request_id, rank)
+
+    def _refusal(self, request_id: str, rank: int) -> AdminAnswered | None:
+        """The refusal every call naming a rank shares: a rank outside the
+        world. None when the rank is one of the cluster's slots."""
+        if 0 <= rank < self.world_size:
+            return None
+        return AdminAnswered(
+            request_id,
+            Code.INVALID_ARGUMENT,
+            f"rank {rank} is outside the cluster (world size {self.world_size}: "
+            f"ranks 0..{self.world_size - 1})",
+        )
+
+    def _busy(self, request_id: str, what: str) -> AdminAnswered | None:
+        """FAILED_PRECONDITION while the cluster cannot start an operation: one
+        is in flight, or a member is suspect (its fate decides the next one)."""
+        op = self.op
+        if op is not None:
+            return AdminAnswered(
+                request_id,
+                Code.FAILED_PRECONDITION,
+                f"operation {op.op_id!r} ({op.kind}, {self.phase}) is in flight; "
+                f"{what} once it has ended",
+            )
+        suspects = [
+            r for r in self.members if self.ranks.get(r, RankView()).suspected_at is not None
+        ]
+        if suspects:
+            return AdminAnswered(
+                request_id,
+                Code.FAILED_PRECONDITION,
+                f"member(s) {suspects} lost their session and are not yet confirmed dead "
+                f"or back; {what} once that is settled",
+            )
+        return None
+
+    def _drain(self, request_id: str, rank: int) -> AdminAnswered:
+        refused = self._refusal(request_id, rank)
+        if refused is not None:
+            return refused
+        if not self.members:
+            return AdminAnswered(
+                request_id,
+                Code.FAILED_PRECONDITION,
+                f"cluster {self.cluster!r} has not formed yet: rank {rank} is not a member "
+                "that could be drained",
+            )
+        if rank not in self.members:
+            return AdminAnswered(
+                request_id,
+                Code.NOT_FOUND,
+                f"rank {rank} is not a member of epoch {self.epoch} "
+                f"(members {list(self.members)}; rank {rank} is {self.rank_state(rank)})",
+            )
+        busy = self._busy(request_id, f"drain rank {rank}")
+        if busy is not None:
+            return busy
+        if self.members == (rank,):
+            return AdminAnswered(
+                request_id,
+                Code.FAILED_PRECONDITION,
+                f"rank {rank} is the last member; draining it would leave nobody serving",
+            )
+        lost = self._unplaced_without(rank)
+        if lost is not None:
+            layer, expert = lost
+            return AdminAnswered(
+                request_id,
+                Code.FAILED_PRECONDITION,
+                f"draining rank {rank} would leave expert {expert} of layer {layer} "
+                "with no replica on the remaining members",
+            )
+        op = self._new_op(OpKind.DRAIN, (r for r in self.members if r != rank), ())
+        self._begin(op)
+        return AdminAnswered(
+            request_id, None, f"draining rank {rank} (operation {op.op_id!r})", op_id=op.op_id
+        )
+
+    def _unplaced_without(self, rank: int) -> tuple[int, int] | None:
+        """A (layer, expert) that only `rank` holds among the members, if any:
+        without it the survivors could not serve that expert, nor hand it to a
+        joiner later."""
+        placement = self.placement
+        if placement is None:
+            return None
+        rest = [r for r in self.members if r != rank]
+        for layer, slot_expert in enumerate(placement.layers):
+            held = {slot_expert[s] for r in rest for s in placement.slots_of_rank(r)}
+            missing = sorted(set(slot_expert) - held)
+            if missing:
+                return layer, missing[0]
+        return None
+
+    def _admit(self, request_id: str, rank: int) -> AdminAnswered:
+        refused = self._refusal(request_id, rank)
+        if refused is not None:
+            return refused
+        if rank in self.members:
+            return AdminAnswered(
+                request_id,
+                Code.FAILED_PRECONDITION,
+                f"rank {rank} is already a member of epoch {self.epoch}",
+            )
+        view = self.ranks.get(rank)
+        if rank not in self.joiners or view is None or view.session is None:
+            return AdminAnswered(
+                request_id,
+                Code.FAILED_PRECONDITION,
+                f"rank {rank} is not waiting to join (it is {self.rank_state(rank)}); "
+                "relaunch it with --rejoin first",
+            )
+        if not view.ready:
+            return AdminAnswered(
+                request_id,
+                Code.FAILED_PRECONDITION,
+                f"rank {rank} registered but has not announced it is ready "
+                "(its engine has not reached its first iteration boundary)",
+            )
+        busy = self._busy(request_id, f"admit rank {rank}")
+        if busy is not None:
+            return busy
+        assert self.placement is not None  # joiners exist only once formed
+        try:
+            transfer_plan(self.placement, self.members, (rank,))
+        except PlanError as exc:
+            return AdminAnswered(
+                request_id, Code.FAILED_PRECONDITION, f"rank {rank} cannot be admitted: {exc}"
+            )
+        self.drained.discard(rank)
+        op = self._new_op(OpKind.GROW, self.members, (rank,))
+        self._begin(op)
+        return AdminAnswered(
+            request_id, None, f"admitting rank {rank} (operation {op.op_id!r})", op_id=op.op_id
+        )
 
     def _on_tick(self) -> None:
         op = self.op
@@ -999,9 +1291,13 @@ class RecoveryStateMachine:
         view = self._current(ev.rank, ev.session)
         if view is None or ev.rank not in self.joiners:
             return
-        view.ready = True
+        was_ready, view.ready = view.ready, True
         op = self.op
         if op and op.step == Step.WAIT_READY and ev.rank in op.joining:
+            if not was_ready:
+                self._emit(
+                    RankDone(op.op_id, ev.rank, op.step, op.step_started_at, self._now, "done")
+                )
             self._advance_if_ready()
         self._maybe_start_operation()
 
@@ -1036,7 +1332,8 @@ class RecoveryStateMachine:
             return self._start_shrink()
         if any(v.suspected_at is not None for v in member_views):
             return  # admit once the suspicion is cleared or confirmed
-        joiners = sorted(r for r in self.joiners if self.ranks[r].session)
+        # A drained rank waits for an operator's Admit, whatever auto_rejoin says.
+        joiners = sorted(r for r in self.joiners if self.ranks[r].session and r not in self.drained)
         if joiners and self.auto_rejoin:
             self._begin(self._new_op(OpKind.GROW, self.members, joiners))
 
@@ -1057,6 +1354,7 @@ class RecoveryStateMachine:
         for rank in sorted(self.joiners):
             self._send_retry(rank, "every member of the cluster failed; restart the cluster")
         self.joiners.clear()
+        self.drained.clear()  # a new formation needs every rank again
         self.members = ()
         self.placement = None
         self.ranks = {r: v for r, v in self.ranks.items() if not v.failed and v.session}
@@ -1064,6 +1362,18 @@ class RecoveryStateMachine:
 
     def _begin(self, op: Operation) -> None:
         self.op = op
+        self._emit(
+            OperationStarted(
+                op.op_id,
+                op.kind,
+                self.epoch,
+                op.target_epoch,
+                op.survivors,
+                op.joining,
+                op.leaving,
+                self._now,
+            )
+        )
         self._enter(STEPS[op.kind][0])
 
     def _enter(self, step: Step) -> None:
@@ -1083,23 +1393,34 @@ class RecoveryStateMachine:
             for rank in op.joining:  # members from now on (BUG-2)
                 self.joiners.discard(rank)
                 self.ranks[rank].ready = False
+            if op.kind == OpKind.DRAIN:
+                self.drained.update(op.leaving)
         command, recipients = self._command_for(op, step)
         self._send_to(op, command, recipients)
+        if step == Step.RESUME and op.kind == OpKind.DRAIN:
+            # Out of the committed epoch: the drained rank stops serving.
+            for rank in op.leaving:
+                self._send_leave(rank, f"drained by an operator (operation {op.op_id})")
 
     def _command_for(self, op: Operation, step: Step) -> tuple[CommandBody, tuple[int, ...]]:
         match step:
             case Step.HOLD:
                 samples = {
                     r: self.ranks[r].progress or ProgressSample(0, self._now, 0.0)
-                    for r in op.survivors
+                    for r in op.hold_ranks
                 }
                 target = hold_target(samples, self._now, self.hold_lead_s, op.hold_attempt)
                 if op.hold_iteration is not None:
                     target = max(target, op.hold_iteration + 1)
                 op.hold_iteration = target
-                return Hold(target), op.survivors
+                return Hold(target), op.hold_ranks
             case Step.ABORT:
                 return Abort(self.epoch), op.survivors
+            case Step.PREFETCH:
+                assert op.plan is not None
+                members = tuple(sorted({t.src_rank for t in op.plan.transfers} | set(op.joining)))
+                prefix = store_prefix(self.cluster, op.target_epoch) + "prefetch/"
+                return Prefetch(op.plan, op.target_epoch, members, prefix), members
             case Step.REBUILD:
                 prefix = store_prefix(self.cluster, op.target_epoch)
                 return Rebuild(op.target_epoch, op.participants, prefix), op.participants
@@ -1112,6 +1433,7 @@ class RecoveryStateMachine:
                     OpKind.FORM: 0,
                     OpKind.SHRINK: op.cut if op.cut is not None else 0,
                     OpKind.GROW: op.hold_iteration if op.hold_iteration is not None else 0,
+                    OpKind.DRAIN: op.hold_iteration if op.hold_iteration is not None else 0,
                 }[op.kind]
                 return Resume(iteration, op.participants), op.participants
         raise AssertionError(f"no command for step {step}")
@@ -1119,6 +1441,7 @@ class RecoveryStateMachine:
     def _send_to(self, op: Operation, command: CommandBody, recipients: Iterable[int]) -> None:
         op.command = command
         op.command_id = self._next_command_id
+        op.command_sent_at = self._now
         self._next_command_id += 1
         op.awaiting = set(recipients)
         for rank in sorted(op.awaiting):
@@ -1139,7 +1462,7 @@ class RecoveryStateMachine:
                 self.ranks[rank].ready = False
             self._abandon(str(exc))
             return
-        self._enter(Step.HOLD)
+        self._enter(Step.PREFETCH)
 
     def _next_step(self) -> None:
         op = self.op
@@ -1168,6 +1491,7 @@ class RecoveryStateMachine:
                 op.leaving,
                 stall,
                 retargets=op.hold_attempt,
+                at=self._now,
             )
         )
         self._set_phase(self._idle_phase(), "")
@@ -1178,14 +1502,16 @@ class RecoveryStateMachine:
         assert op is not None
         self.op = None
         self._quiet_since = self._now
-        self._emit(
-            OperationEnded(
-                op.op_id, op.kind, "rolled_back", self.epoch, (), op.leaving, 0.0, reason
-            )
-        )
         # Entering RESUME committed the epoch: its joiners are members, and
         # the rollback is a shrink from that epoch (BUG-1, BUG-2).
         committed = op.step == Step.RESUME
+        # A drain rolled back before its commit leaves its rank a member.
+        left = op.leaving if committed or op.kind != OpKind.DRAIN else ()
+        self._emit(
+            OperationEnded(
+                op.op_id, op.kind, "rolled_back", self.epoch, (), left, 0.0, reason, at=self._now
+            )
+        )
         if op.step not in (Step.WAIT_READY, Step.RESUME):
             # Joiners may hold half-built groups: they start their admission over.
             for rank in op.joining:
@@ -1212,6 +1538,15 @@ class RecoveryStateMachine:
         command_id = self._next_command_id
         self._next_command_id += 1
         self._emit(Send(rank, session, self.epoch, "", command_id, Retry(reason)))
+
+    def _send_leave(self, rank: int, reason: str) -> None:
+        view = self.ranks.get(rank)
+        if view is None or view.session is None or view.failed:
+            return  # gone already; if it comes back, its hello is refused
+        command_id = self._next_command_id
+        self._next_command_id += 1
+        op_id = self.op.op_id if self.op else ""
+        self._emit(Send(rank, view.session, self.epoch, op_id, command_id, Leave(reason)))
 
     def _idle_phase(self) -> Phase:
         if not self.members:
@@ -1255,12 +1590,16 @@ class RecoveryStateMachine:
             return  # a duplicate ack: already counted
         reply = ev.reply
         if isinstance(reply, CommandFailed):
+            self._emit(
+                RankDone(op.op_id, ev.rank, op.step, op.command_sent_at, self._now, "failed")
+            )
             # Evidence, not a verdict: the culprit is usually a peer that died.
             self._step_failures[ev.rank] = self._now
             # Nothing else will arrive for this step: roll back (BUG-5).
             self._abandon(f"rank {ev.rank} failed {op.step}: {reply.message}")
             return
         expected = {
+            Step.PREFETCH: (Resynced,),
             Step.HOLD: (Held, PastTarget),
             Step.ABORT: (Halted,),
             Step.REBUILD: (GroupsReady,),
@@ -1289,6 +1628,7 @@ class RecoveryStateMachine:
             case Resumed(stall_ms):
                 op.stall_ms[ev.rank] = stall_ms
         op.awaiting.discard(ev.rank)
+        self._emit(RankDone(op.op_id, ev.rank, op.step, op.command_sent_at, self._now, "done"))
         if op.awaiting:
             return
         if op.step == Step.ABORT:

@@ -8,13 +8,25 @@ import sys
 from pathlib import Path
 
 import bench.cli
+from epctl.exits import (
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-EXIT_NOT_FOUND = 4
-EXIT_REFUSED = 5  # the cluster's state does not allow it (FAILED_PRECONDITION)
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 
 def _kill_event(text: str) -> list[int]:
@@ -30,7 +42,12 @@ def _kill_event(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="epctl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="epctl",
+        description=__doc__,
+        epilog="exit codes: 0 done, 1 failed, 2 bad usage or request, 3 coordinator "
+        "unreachable, 4 not found, 5 refused by the cluster's state",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a local cluster, kill ranks, rejoin them, report")
@@ -50,18 +67,62 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lease-ttl", type=int, default=1, help="rank lease TTL in seconds")
     demo.add_argument("--workdir", type=Path, help="keep logs and files here")
     demo.add_argument("--json", action="store_true", help="print the report as JSON (last line)")
+    demo.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="[stop:]WHO@PHASE",
+        help="inject a fault when the coordinator enters PHASE (repeatable): WHO is rank:N, "
+        "joiner, coordinator (a standby then runs too) or etcd (restarted on its data); "
+        "SIGKILL, or SIGSTOP with stop:. Killed ranks are relaunched with --rejoin",
+    )
+    demo.add_argument(
+        "--list-phases", action="store_true", help="print the phase names, in timeline order"
+    )
+
+    from epctl.admin import add_connection_args
 
     status = sub.add_parser("status", help="show a coordinator's view of its cluster")
-    status.add_argument("--endpoint", default="127.0.0.1:50051", help="coordinator host:port")
-    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    watch = sub.add_parser(
+        "watch", help="stream the cluster's events (phases, operations, failures, admin calls)"
+    )
+    watch.add_argument(
+        "--count", type=_positive_int, help="exit after this many events (past the snapshot)"
+    )
+    watch.add_argument("--timeout", type=float, help="exit after this many seconds")
+    ops = sub.add_parser("ops", help="list recent operations, newest first")
+    ops.add_argument("--limit", type=int, default=0, help="at most this many (default: all kept)")
+    timeline = sub.add_parser("timeline", help="one operation's phases and each rank's steps")
+    timeline.add_argument("op_id", metavar="OP", help="the operation (see `epctl ops`)")
+    timeline.add_argument(
+        "--trace", type=Path, metavar="FILE", help="write a Chrome/Perfetto trace (JSON)"
+    )
+    timeline.add_argument(
+        "--png", type=Path, metavar="FILE", help="write a Gantt chart (needs matplotlib)"
+    )
+    for reading in (status, watch, ops, timeline):
+        add_connection_args(reading)
+        reading.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
-    abort = sub.add_parser("abort", help="roll back the admission in flight")
+    abort = sub.add_parser("abort", help="roll back the admission or drain in flight")
     abort.add_argument("op_id", help="the operation (see `epctl status`)")
     abort.add_argument("--reason", default="", help="recorded with the rollback")
     rejoin = sub.add_parser("auto-rejoin", help="admit relaunched ranks on their own, or not")
     rejoin.add_argument("state", choices=("on", "off"))
-    for mutating in (abort, rejoin):
-        mutating.add_argument("--endpoint", default="127.0.0.1:50051", help="coordinator host:port")
+    drain = sub.add_parser(
+        "drain", help="remove a live member gracefully; it stays out until `epctl admit`"
+    )
+    admit = sub.add_parser("admit", help="admit a registered, ready joiner now")
+    for by_rank in (drain, admit):
+        by_rank.add_argument("rank", type=int, metavar="RANK", help="the rank (0..world_size-1)")
+        by_rank.add_argument(
+            "--wait", action="store_true", help="return once the operation has ended"
+        )
+        by_rank.add_argument(
+            "--wait-timeout", type=float, default=120.0, help="seconds --wait waits (default 120)"
+        )
+    for mutating in (abort, rejoin, drain, admit):
+        add_connection_args(mutating)
         mutating.add_argument(
             "--request-id",
             help="makes a retried call idempotent (default: a fresh one per call)",
@@ -71,63 +132,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
     if args.command == "bench":
         return bench.cli.run(args)
-    if args.command in ("abort", "auto-rejoin"):
-        return _mutate(args)
-    return _status(args)
+    from epctl import admin
 
-
-def _mutate(args: argparse.Namespace) -> int:
-    import uuid
-
-    import grpc
-
-    from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc
-
-    request_id = args.request_id or uuid.uuid4().hex
-    with grpc.insecure_channel(args.endpoint) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
-        try:
-            if args.command == "abort":
-                reply = stub.AbortOperation(
-                    admin_pb2.AbortOperationRequest(
-                        request_id=request_id, op_id=args.op_id, reason=args.reason
-                    ),
-                    timeout=15,
-                )
-            else:
-                reply = stub.SetAutoRejoin(
-                    admin_pb2.SetAutoRejoinRequest(
-                        request_id=request_id, enabled=args.state == "on"
-                    ),
-                    timeout=15,
-                )
-        except grpc.RpcError as exc:
-            code = exc.code()
-            sys.stderr.write(f"epctl {args.command}: {code.name}: {exc.details()}\n")
-            return {
-                grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
-                grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
-                grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED,
-                grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
-            }.get(code, EXIT_FAILED)
-    if args.output == "json":
-        out = {"request_id": reply.request_id, "message": reply.message, "replayed": reply.replayed}
-        sys.stdout.write(json.dumps(out) + "\n")
-    else:
-        sys.stdout.write(reply.message + (" (replayed)" if reply.replayed else "") + "\n")
-    return EXIT_OK
+    commands = {
+        "abort": admin.mutate,
+        "auto-rejoin": admin.mutate,
+        "drain": admin.mutate,
+        "admit": admin.mutate,
+        "watch": admin.watch,
+        "ops": admin.list_operations,
+        "timeline": admin.timeline,
+        "status": _status,
+    }
+    try:
+        return commands[args.command](args)
+    except admin.UsageError as exc:
+        sys.stderr.write(f"epctl {args.command}: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
 
 
 def _demo(args: argparse.Namespace) -> int:
     from epctl.demo import DemoError, DemoOptions, check_kills, render_report, report_ok, run_demo
+    from epctl.faults import PHASES, parse_fault
 
+    if args.list_phases:
+        sys.stdout.write("".join(f"{phase}\n" for phase in PHASES))
+        return EXIT_OK
     if args.ranks < 2:
         sys.stderr.write("epctl demo: --ranks must be at least 2\n")
         return EXIT_USAGE
@@ -135,6 +183,11 @@ def _demo(args: argparse.Namespace) -> int:
         sys.stderr.write(
             f"epctl demo: --ranks-per-node {args.ranks_per_node} must divide --ranks {args.ranks}\n"
         )
+        return EXIT_USAGE
+    try:
+        faults = [parse_fault(text, args.ranks) for text in args.fault]
+    except ValueError as exc:
+        sys.stderr.write(f"epctl demo: {exc}\n")
         return EXIT_USAGE
     opts = DemoOptions(
         ranks=args.ranks,
@@ -146,6 +199,7 @@ def _demo(args: argparse.Namespace) -> int:
         json_output=args.json,
         lease_ttl_s=args.lease_ttl,
         workdir=args.workdir,
+        faults=faults,
     )
     try:
         check_kills(opts)
@@ -171,16 +225,16 @@ def _status(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
+    from epctl.admin import endpoint_of
     from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
-    with grpc.insecure_channel(args.endpoint) as channel:
+    endpoint = endpoint_of(args)
+    with grpc.insecure_channel(endpoint) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         try:
             status = stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
         except grpc.RpcError as exc:
-            sys.stderr.write(
-                f"epctl: cannot reach coordinator at {args.endpoint}: {exc.code().name}\n"
-            )
+            sys.stderr.write(f"epctl: cannot reach coordinator at {endpoint}: {exc.code().name}\n")
             return EXIT_UNAVAILABLE
     if args.output == "json":
         sys.stdout.write(json.dumps(MessageToDict(status)) + "\n")
@@ -190,11 +244,16 @@ def _status(args: argparse.Namespace) -> int:
         f"cluster {status.cluster}  epoch {status.epoch}  phase {phase}  "
         f"members {list(status.members)}\n"
     )
-    sys.stdout.write(f"{'RANK':>4}  {'STATE':<8}  {'ITERATION':>9}  {'HEARTBEAT':>9}\n")
+    if status.HasField("operation"):
+        op = status.operation
+        sys.stdout.write(f"operation {op.op_id} ({op.kind}) to epoch {op.target_epoch}\n")
+    sys.stdout.write(f"{'RANK':>4}  {'STATE':<15}  {'ITERATION':>9}  {'HEARTBEAT':>9}\n")
     for rank in status.ranks:
         state = admin_pb2.RankState.Name(rank.state).removeprefix("RANK_STATE_").lower()
+        if rank.ready:
+            state += " (ready)"
         beat = f"{rank.last_heartbeat_ms_ago} ms" if rank.last_heartbeat_ms_ago >= 0 else "-"
-        sys.stdout.write(f"{rank.rank:>4}  {state:<8}  {rank.iteration:>9}  {beat:>9}\n")
+        sys.stdout.write(f"{rank.rank:>4}  {state:<15}  {rank.iteration:>9}  {beat:>9}\n")
     return EXIT_OK
 
 

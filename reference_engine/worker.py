@@ -22,7 +22,13 @@ from reference_engine.frontend import FrontendClient
 from reference_engine.model import derive_weights, load_checkpoint
 from reference_engine.placement import build_placement
 from worker_agent.adapter import StepAborted
-from worker_agent.agent import AgentConfig, AgentStopped, RegistrationRefused, WorkerAgent
+from worker_agent.agent import (
+    AgentConfig,
+    AgentDrained,
+    AgentStopped,
+    RegistrationRefused,
+    WorkerAgent,
+)
 from worker_agent.groups import CollectiveFailed
 
 log = logging.getLogger("reference_engine.worker")
@@ -34,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--ranks-per-node", type=int, default=1)
-    p.add_argument("--coordinator", required=True, help="coordinator host:port")
+    p.add_argument(
+        "--coordinator",
+        default="",
+        help="coordinator host:port (default: the leader named in etcd, found again after "
+        "a fail-over)",
+    )
     p.add_argument("--etcd", required=True, help="etcd host:port")
     p.add_argument("--checkpoint", type=Path, help="weights file (default: derived from --seed)")
     p.add_argument("--seed", type=int, default=1234)
@@ -146,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if not engine.busy():
                 time.sleep(args.idle_sleep_ms / 1000.0)
+    except AgentDrained as exc:
+        # Not a failure: exit 0 so that a supervisor does not relaunch it.
+        log.info("drained, exiting", extra=fields(rank=args.rank, reason=str(exc)))
+        return 0
     except AgentStopped as exc:
         log.error("stopped serving", extra=fields(rank=args.rank, reason=str(exc)))
         return 4

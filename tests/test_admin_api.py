@@ -50,6 +50,7 @@ def test_abort_an_admission_and_switch_automatic_rejoin(
                 "request_id": "t-abort",
                 "message": f"operation {op_id!r} rolled back",
                 "replayed": False,
+                "op_id": op_id,
             }
             wait_until(lambda: coord.phase() == "degraded", 30, "the rollback to finish")
             ended = [op for op in coord.status().operations if op.op_id == op_id]

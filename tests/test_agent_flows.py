@@ -19,6 +19,8 @@ import pytest
 
 from protos.ep_recovery.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
 from tests.agent_harness import (
+    LAYERS,
+    SLOTS_PER_RANK,
     CoordinatorProcess,
     ThreadRank,
     ring_placement,
@@ -61,6 +63,14 @@ def test_rejoin_uses_one_plan_from_healthy_ranks(
         # The joiner's slots hold the right experts although its own view of the
         # placement was stale: the plan came from the coordinator's placement.
         assert joiner.adapter.experts_ok()
+        # The experts moved before the pause: every slot of the joiner was
+        # written before it built the new epoch's groups (the prefetch), and
+        # the pause's resync moved none again.
+        calls = joiner.adapter.calls
+        rebuilt = next(i for i, c in enumerate(calls) if c[0] == "rebuild")
+        written = [i for i, c in enumerate(calls) if c[0] == "expert"]
+        assert written and max(written) < rebuilt
+        assert len(written) == LAYERS * SLOTS_PER_RANK
         # Metadata came from a healthy rank, never from the rejoined one.
         applied = [c for c in joiner.adapter.calls if c[0] == "apply"]
         assert applied and json.loads(applied[-1][1])["owner"] != victim

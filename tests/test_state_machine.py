@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import Phase as HypothesisPhase
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -47,11 +47,14 @@ from coordinator.state_machine import (
     Acked,
     Action,
     AdminAnswered,
+    AdminCommand,
     AdminRequested,
+    Admit,
     ClusterRecord,
     Code,
     CommandBody,
     CommandFailed,
+    Drain,
     Event,
     GroupsReady,
     Halted,
@@ -59,13 +62,17 @@ from coordinator.state_machine import (
     Hold,
     JoinerReady,
     LeaseExpired,
+    Leave,
     OperationEnded,
+    OperationStarted,
     OpKind,
     PastTarget,
     Persist,
     Phase,
     PhaseEntered,
+    Prefetch,
     ProgressReported,
+    RankDone,
     RankFailed,
     RankRegistered,
     Rebuild,
@@ -250,15 +257,26 @@ class Driver:
         to hold (PAUSING); the Hold orders."""
         self.shrink(self.kill(rank), lambda s: 7)
         self.register(rank, rejoin=True)
-        holds = sent(self.handle(JoinerReady(rank, self.sessions[rank])), Hold)
+        holds = sent(self.ready(rank), Hold)
         assert holds and self.machine.phase == Phase.PAUSING
         return holds
+
+    def ready(self, rank: int) -> list[Action]:
+        """The joiner says it is ready; the prefetch that starts is carried out."""
+        out = self.handle(JoinerReady(rank, self.sessions[rank]))
+        prefetches = sent(out, Prefetch)
+        if not prefetches:
+            return out
+        assert self.machine.phase == Phase.ADMITTING
+        return out + self.ack_all(prefetches, lambda s: Resynced())
 
     def grow(self, rank: int) -> dict[type[Any], list[Send]]:
         """Rejoin `rank` and carry the grow through; the sends of each step."""
         steps: dict[type[Any], list[Send]] = {}
         out = self.register(rank, rejoin=True)
         out += self.handle(JoinerReady(rank, self.sessions[rank]))
+        steps[Prefetch] = sent(out, Prefetch)
+        out += self.ack_all(steps[Prefetch], lambda s: Resynced())
         steps[Hold] = sent(out, Hold)
         out = self.ack_all(steps[Hold], lambda s: Held(s.command.iteration))
         steps[Rebuild] = sent(out, Rebuild)
@@ -361,7 +379,7 @@ def test_rejoin_runs_the_whole_timeline_back_to_steady() -> None:
     assert [a.role for a in of_type(out, Accept)] == [Role.JOINER]
     assert phases(out) == [Phase.ADMITTING]
     assert not sent(out)  # survivors keep serving while the joiner warms up
-    out = d.handle(JoinerReady(3, d.sessions[3]))
+    out = d.ready(3)
     assert phases(out) == [Phase.PAUSING]
     holds = sent(out, Hold)
     assert sorted(s.rank for s in holds) == [0, 1, 2]  # not the joiner
@@ -631,22 +649,347 @@ def test_aborting_what_cannot_be_aborted_is_refused_and_changes_nothing() -> Non
     assert answer.code == Code.INVALID_ARGUMENT and d.persisted == record
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    request_id=st.text(max_size=140),
-    op_id=st.text(max_size=40),
-    reason=st.text(max_size=40),
-)
-def test_bad_admin_requests_are_refused_with_a_message_and_change_nothing(
-    request_id: str, op_id: str, reason: str
-) -> None:
+def _drain(d: Driver, rank: int, request_id: str = "drain") -> tuple[str, list[Send]]:
+    """An operator drains `rank` of an idle cluster; (the op id, the Hold orders)."""
+    answer, out = _admin(d, request_id, Drain(rank))
+    assert answer.code is None, answer
+    assert phases(out) == [Phase.PAUSING]
+    return answer.op_id, sent(out, Hold)
+
+
+def _complete_drain(d: Driver, holds: list[Send]) -> list[Action]:
+    """Carry a drain from its Hold orders to its end; every action on the way."""
+    target = holds[0].command.iteration
+    out = d.ack_all(holds, lambda s: Held(target))
+    resumes = sent(d.ack_all(sent(out, Rebuild), lambda s: GroupsReady()), Resume)
+    return d.ack_all(resumes, lambda s: Resumed(stall_ms=2.0))
+
+
+def test_an_operator_drains_a_member_everyone_holds_at_one_cut_and_it_leaves() -> None:
     d = Driver(4)
     d.form()
+    for r in range(4):
+        d.progress(r, 50 + r)
+    answer, out = _admin(d, "d1", Drain(3))
+    assert (answer.code, answer.replayed) == (None, False)
+    [started] = of_type(out, OperationStarted)
+    assert answer.op_id == started.op_id and started.op_id.endswith("-drain")
+    assert (started.kind, started.epoch, started.target_epoch) == (OpKind.DRAIN, 1, 2)
+    assert (started.survivors, started.joining, started.leaving) == ((0, 1, 2), (), (3,))
+    assert phases(out) == [Phase.PAUSING]
+    # The drained rank holds too: it is in the old groups, and stopping it at
+    # the same boundary leaves no peer inside a collective with it.
+    holds = sent(out, Hold)
+    assert sorted(s.rank for s in holds) == [0, 1, 2, 3]
+    target = holds[0].command.iteration
+    assert {s.command for s in holds} == {Hold(target)} and target > 53
+    out = d.ack_all(holds, lambda s: Held(target))
+    assert phases(out) == [Phase.SHRINKING]
+    assert sorted((a.rank, a.step, a.outcome) for a in of_type(out, RankDone)) == [
+        (r, Step.HOLD, "done") for r in range(4)
+    ]
+    rebuilds = sent(out, Rebuild)
+    assert {s.command for s in rebuilds} == {Rebuild(2, (0, 1, 2), store_prefix(CLUSTER, 2))}
+    assert sorted(s.rank for s in rebuilds) == [0, 1, 2]
+    out = d.ack_all(rebuilds, lambda s: GroupsReady())
+    assert {(s.rank, s.command) for s in sent(out, Resume)} == {
+        (r, Resume(target, (0, 1, 2))) for r in (0, 1, 2)
+    }
+    [leave] = sent(out, Leave)
+    assert (leave.rank, leave.epoch, leave.op_id) == (3, 2, started.op_id)
+    assert "drained by an operator" in leave.command.reason
+    assert (d.persisted.epoch, d.persisted.members, d.persisted.drained) == (2, (0, 1, 2), (3,))
+    out = d.ack_all(sent(out, Resume), lambda s: Resumed(stall_ms=2.0))
+    assert phases(out) == [Phase.DEGRADED]
+    [ended] = of_type(out, OperationEnded)
+    assert (ended.kind, ended.outcome, ended.epoch, ended.left) == (
+        OpKind.DRAIN,
+        "completed",
+        2,
+        (3,),
+    )
+    # Its agent stops: the session ends and the lease is revoked. Neither is a
+    # failure, and nothing starts.
+    assert d.handle(SessionClosed(3, d.sessions[3])) == []
+    assert d.handle(LeaseExpired(3, d.leases[3])) == []
+    assert d.machine.rank_state(3) == "drained"
+    # The same call again: the first answer, nothing else.
     record = d.persisted
-    answer, out = _admin(d, request_id, AbortOperation(op_id, reason))
+    again, out = _admin(d, "d1", Drain(3))
+    assert (again.code, again.op_id, again.replayed) == (None, started.op_id, True)
+    assert out == [again] and d.persisted == record
+
+
+def test_a_drained_rank_waits_for_an_admit_even_with_automatic_rejoin_on() -> None:
+    d = Driver(4)
+    d.form()
+    _, holds = _drain(d, 2)
+    _complete_drain(d, holds)
+    assert d.machine.auto_rejoin
+    # While the drained process lives, a second one for its rank is refused.
+    [refused] = of_type(d.register(2, rejoin=True), Refuse)
+    assert refused.code == Code.ALREADY_EXISTS
+    d.handle(SessionClosed(2, d.sessions[2]))  # it left
+    out = d.register(2, rejoin=True)
+    assert [a.role for a in of_type(out, Accept)] == [Role.JOINER]
+    assert not of_type(out, OperationStarted) and d.machine.phase == Phase.DEGRADED
+    out = d.ready(2)
+    assert out == [] and d.machine.op is None
+    assert d.machine.rank_state(2) == "joining" and d.machine.ranks[2].ready
+    answer, out = _admin(d, "a1", Admit(2))
+    assert answer.code is None and "admitting rank 2" in answer.message
+    [started] = of_type(out, OperationStarted)
+    assert (started.kind, started.joining, answer.op_id) == (OpKind.GROW, (2,), started.op_id)
+    assert d.persisted.drained == ()  # the operator took it back
+    out = d.ack_all(sent(out, Prefetch), lambda s: Resynced())
+    holds = sent(out, Hold)
+    assert sorted(s.rank for s in holds) == [0, 1, 3]
+    out = d.ack_all(holds, lambda s: Held(s.command.iteration))
+    out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
+    out = d.ack_all(sent(out, Resync), lambda s: Resynced())
+    out = d.ack_all(sent(out, Resume), lambda s: Resumed())
+    assert d.machine.phase == Phase.STEADY and d.machine.members == (0, 1, 2, 3)
+
+
+def test_a_drained_process_reconnecting_is_refused() -> None:
+    # Its Leave was lost with its session: the hello of the same process is
+    # refused, which stops its agent.
+    d = Driver(3, full_placement(3))
+    d.form()
+    _, holds = _drain(d, 1)
+    target = holds[0].command.iteration
+    out = d.ack_all(holds, lambda s: Held(target))
+    d.handle(SessionClosed(1, d.sessions[1]))  # after its Held: the cut is safe
+    out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
+    assert not sent(out, Leave)  # no session to send it on
+    d.ack_all(sent(out, Resume), lambda s: Resumed())
+    out = d.register(1, incarnation=d.incarnations[1])
+    [refused] = of_type(out, Refuse)
+    assert refused.code == Code.FAILED_PRECONDITION and refused.end_session
+    assert "was drained" in refused.message
+    assert d.machine.rank_state(1) == "drained" and not of_type(out, RankFailed)
+
+
+def test_a_survivor_dying_during_a_drain_rolls_it_back_and_the_rank_stays() -> None:
+    d = Driver(4, full_placement(4))
+    d.form()
+    op_id, holds = _drain(d, 3)
+    d.ack(holds[0], Held(holds[0].command.iteration))
+    out = d.kill(1)
+    [ended] = of_type(out, OperationEnded)
+    assert (ended.op_id, ended.outcome, ended.left) == (op_id, "rolled_back", ())
+    aborts = sent(out, Abort)
+    assert sorted(s.rank for s in aborts) == [0, 2, 3]  # 3 is still a member
+    d.shrink(out, lambda s: 9)
+    assert (d.machine.members, d.persisted.drained) == ((0, 2, 3), ())
+
+
+def test_the_drained_rank_dying_before_the_cut_turns_the_drain_into_a_shrink() -> None:
+    d = Driver(4)
+    d.form()
+    op_id, holds = _drain(d, 3)
+    for s in holds:
+        if s.rank != 3:
+            d.ack(s, Held(s.command.iteration))
+    out = d.kill(3)  # its peers may be stuck in a collective with it
+    [ended] = of_type(out, OperationEnded)
+    assert (ended.op_id, ended.outcome) == (op_id, "rolled_back")
+    assert [f.rank for f in of_type(out, RankFailed)] == [3]
+    assert sorted(s.rank for s in sent(out, Abort)) == [0, 1, 2]
+    d.shrink(out, lambda s: 9)
+    assert d.machine.members == (0, 1, 2) and d.machine.rank_state(3) == "failed"
+    # It died rather than leaving: a relaunch is admitted as any failed rank is.
+    d.register(3, rejoin=True)
+    assert d.machine.phase == Phase.ADMITTING
+
+
+def test_an_operator_aborts_a_drain_and_everyone_goes_on_together() -> None:
+    d = Driver(4)
+    d.form()
+    op_id, _ = _drain(d, 0)
+    answer, out = _admin(d, "ab", AbortOperation(op_id, "changed my mind"))
+    assert (answer.code, answer.op_id) == (None, op_id)
+    assert sorted(s.rank for s in sent(out, Abort)) == [0, 1, 2, 3]
+    d.shrink(out, lambda s: 12)
+    assert d.machine.members == (0, 1, 2, 3) and d.persisted.drained == ()
+    assert d.machine.phase == Phase.STEADY
+
+
+def test_a_new_coordinator_keeps_a_drained_rank_out() -> None:
+    d = Driver(4)
+    d.form()
+    _, holds = _drain(d, 3)
+    _complete_drain(d, holds)
+    d.handle(SessionClosed(3, d.sessions[3]))
+    _take_over(d, [0, 1, 2])
+    assert d.machine.drained == {3} and d.machine.rank_state(3) == "drained"
+    for r in (0, 1, 2):
+        d.register(r, incarnation=d.incarnations[r])
+    d.register(3, rejoin=True)
+    d.ready(3)
+    assert d.machine.op is None and d.machine.phase == Phase.DEGRADED
+
+
+def _refused(d: Driver, request_id: str, command: AdminCommand, code: Code, *words: str) -> None:
+    """The call is refused with `code`, a message containing `words`, and no change."""
+    record, before = d.persisted, d.machine.record()
+    answer, out = _admin(d, request_id, command)
+    assert out == [answer] and d.persisted == record and d.machine.record() == before
+    assert answer.code == code, answer
+    for word in words:
+        assert word in answer.message, (word, answer.message)
+
+
+def test_drain_and_admit_refusals_name_the_problem_and_change_nothing() -> None:
+    forming = Driver(4)
+    forming.register(0)
+    _refused(forming, "f1", Drain(0), Code.FAILED_PRECONDITION, "has not formed", "rank 0")
+    _refused(forming, "f2", Admit(1), Code.FAILED_PRECONDITION, "rank 1", "not waiting")
+
+    d = Driver(4)
+    d.form()
+
+    def refused(request_id: str, command: AdminCommand, code: Code, *words: str) -> None:
+        _refused(d, request_id, command, code, *words)
+
+    for bad in (-1, 4, 2**63, -(2**63)):
+        refused(f"o{bad}", Drain(bad), Code.INVALID_ARGUMENT, f"rank {bad}", "outside")
+        refused(f"p{bad}", Admit(bad), Code.INVALID_ARGUMENT, f"rank {bad}", "outside")
+    refused("m", Admit(0), Code.FAILED_PRECONDITION, "already a member")
+    # A suspect member: its fate decides the next operation.
+    d.handle(SessionClosed(2, d.sessions[2]))
+    refused("s", Drain(0), Code.FAILED_PRECONDITION, "[2]", "not yet confirmed")
+    out = d.handle(LeaseExpired(2, d.leases[2]))
+    op = d.machine.op
+    assert op is not None
+    refused("busy", Drain(0), Code.FAILED_PRECONDITION, op.op_id, "in flight")
+    d.shrink(out, lambda s: 3)
+    refused("nm", Drain(2), Code.NOT_FOUND, "rank 2", "not a member", "failed")
+    refused("fa", Admit(2), Code.FAILED_PRECONDITION, "rank 2", "not waiting")
+    # Ring placement over 4 ranks: ranks 0 and 2 hold experts 0 and 1; with 2
+    # gone, rank 0 holds their only replica.
+    refused("lost", Drain(0), Code.FAILED_PRECONDITION, "expert 0 of layer 0", "no replica")
+    answer, _ = _admin(d, "off", SetAutoRejoin(False))
+    assert answer.code is None
+    d.register(2, rejoin=True)
+    refused("nr", Admit(2), Code.FAILED_PRECONDITION, "rank 2", "not announced it is ready")
+    d.ready(2)
+    answer, _ = _admin(d, "ok", Admit(2))
+    assert answer.code is None
+
+    # The last member cannot be drained.
+    two = Driver(2, full_placement(2))
+    two.form()
+    _, holds = _drain(two, 1)
+    _complete_drain(two, holds)
+    answer, out = _admin(two, "last", Drain(0))
+    assert answer.code == Code.FAILED_PRECONDITION and "last member" in answer.message
+
+
+def test_an_operations_actions_tell_its_start_and_each_ranks_part() -> None:
+    d = Driver(3, full_placement(3))
+    d.form()
+    d.shrink(d.kill(2), lambda s: 5)
+    out = d.register(2, rejoin=True)
+    [started] = of_type(out, OperationStarted)
+    assert (started.kind, started.survivors, started.joining) == (OpKind.GROW, (0, 1), (2,))
+    out = d.ready(2)
+    ready, *prefetched = of_type(out, RankDone)
+    assert (ready.op_id, ready.rank, ready.step, ready.outcome) == (
+        started.op_id,
+        2,
+        Step.WAIT_READY,
+        "done",
+    )
+    # The prefetch: the joiner and its sources, while the survivors serve.
+    assert {(r.rank, r.step, r.outcome) for r in prefetched} == {
+        (rank, Step.PREFETCH, "done") for rank in (0, 1, 2)
+    }
+    assert ready.started_at == started.at < ready.at
+    holds = sent(out, Hold)
+    out = d.ack(holds[0], Held(holds[0].command.iteration))
+    [held] = of_type(out, RankDone)
+    # The hold order went out when the last prefetch answer came in.
+    last_prefetch = max(r.at for r in prefetched)
+    assert (held.rank, held.step) == (holds[0].rank, Step.HOLD)
+    assert held.started_at == last_prefetch
+    out = d.ack(holds[1], CommandFailed("boom"))
+    assert [(a.rank, a.outcome) for a in of_type(out, RankDone)] == [(holds[1].rank, "failed")]
+
+
+@st.composite
+def admin_calls(draw: st.DrawFn) -> AdminCommand:
+    return draw(
+        st.one_of(
+            st.builds(AbortOperation, st.text(max_size=40), st.text(max_size=40)),
+            st.builds(SetAutoRejoin, st.booleans()),
+            st.builds(Drain, st.one_of(st.integers(-8, 8), st.integers())),
+            st.builds(Admit, st.one_of(st.integers(-8, 8), st.integers())),
+        )
+    )
+
+
+def _cluster_in(state: str) -> Driver:
+    """A 4-rank cluster (ring placement) in a state where some calls must be refused."""
+    d = Driver(4)
+    if state == "forming":
+        d.register(0)
+        d.register(1)
+        return d
+    d.form()
+    if state == "shrinking":
+        d.kill(1)
+    elif state == "waiting":
+        # Automatic rejoin off; rank 3 failed, was shrunk away and relaunched,
+        # registered but not ready.
+        _admin(d, "setup-off", SetAutoRejoin(False))
+        d.shrink(d.kill(3), lambda s: 4)
+        d.register(3, rejoin=True)
+    return d
+
+
+def _must_refuse(state: str, command: AdminCommand) -> bool:
+    """Whether `command` (with a valid request id) must be refused in `state`.
+    Abort names a random op id, which never matches one in flight."""
+    match command:
+        case SetAutoRejoin():
+            return False
+        case Drain(rank=rank):
+            # In `waiting`, draining 1 would lose experts 2 and 3 (3 is gone).
+            drainable = {"steady": {0, 1, 2, 3}, "waiting": {0, 2}}.get(state, set())
+            return rank not in drainable
+    return True
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    state=st.sampled_from(["forming", "steady", "shrinking", "waiting"]),
+    request_id=st.text(max_size=140),
+    command=admin_calls(),
+)
+def test_bad_admin_requests_are_refused_with_a_message_and_change_nothing(
+    state: str, request_id: str, command: AdminCommand
+) -> None:
+    d = _cluster_in(state)
+    assume(request_id != "setup-off")  # used to set the state up
+    valid_id = 1 <= len(request_id) <= 128
+    assume(not valid_id or _must_refuse(state, command))
+    record, before = d.persisted, d.machine.record()
+    answer, out = _admin(d, request_id, command)
     assert out == [answer]  # no command, no persist: nothing moved
-    assert d.persisted == record
-    assert answer.code in (Code.INVALID_ARGUMENT, Code.NOT_FOUND) and answer.message
+    assert d.persisted == record and d.machine.record() == before
+    assert answer.code in (Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION)
+    assert answer.message and answer.command == command
+    # The message names the problem.
+    if not valid_id:
+        assert "request_id" in answer.message
+    elif isinstance(command, Drain | Admit) and not 0 <= command.rank < 4:
+        assert answer.code == Code.INVALID_ARGUMENT
+        assert f"rank {command.rank} is outside the cluster" in answer.message
+    elif isinstance(command, Drain | Admit):
+        assert f"rank {command.rank}" in answer.message or "in flight" in answer.message
+    elif isinstance(command, AbortOperation):
+        assert command.op_id == "" or repr(command.op_id) in answer.message
 
 
 def test_recovering_rank_0_takes_metadata_and_weights_from_healthy_ranks() -> None:
@@ -680,12 +1023,13 @@ def test_after_a_rejoin_nothing_starts_by_itself() -> None:
         for r in range(3):
             out = d.progress(r, 1000 + i)
             assert out == []
-    out = d.handle(JoinerReady(1, d.sessions[1]))
+    out = d.ready(1)
     assert out == []
     for sends in steps.values():
         for s in sends:
             replies: dict[type[Any], Reply] = {
                 Hold: Held(getattr(s.command, "iteration", 0)),
+                Prefetch: Resynced(),
                 Rebuild: GroupsReady(),
                 Resync: Resynced(),
                 Resume: Resumed(),
@@ -706,7 +1050,7 @@ def test_past_target_retargets_every_survivor_and_refuses_older_held() -> None:
     for r in (0, 1, 3):
         d.progress(r, 50)
     d.register(2, rejoin=True)
-    holds = sent(d.handle(JoinerReady(2, d.sessions[2])), Hold)
+    holds = sent(d.ready(2), Hold)
     first = holds[0].command.iteration
     assert first > 50
     # Rank 0 acks in time; rank 3 was already past the target.
@@ -859,7 +1203,7 @@ def test_refuses_stale_and_foreign_acks_in_band() -> None:
     for r in (1, 2):
         d.progress(r, 10)
     d.register(0, rejoin=True)
-    holds = sent(d.handle(JoinerReady(0, d.sessions[0])), Hold)
+    holds = sent(d.ready(0), Hold)
     hold = holds[0]
     before = d.machine.record()
     # Stale epoch: names the epoch it carries and the operation's.
@@ -938,7 +1282,7 @@ def test_joiner_committed_before_a_survivor_dies_stays_a_member() -> None:
     d.form()
     d.shrink(d.kill(2), lambda s: 5)
     d.register(2, rejoin=True)
-    out = d.handle(JoinerReady(2, d.sessions[2]))
+    out = d.ready(2)
     out = d.ack_all(sent(out, Hold), lambda s: Held(s.command.iteration))
     out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
     resumes = sent(d.ack_all(sent(out, Resync), lambda s: Resynced()), Resume)
@@ -954,11 +1298,11 @@ def test_joiner_committed_before_a_survivor_dies_stays_a_member() -> None:
     assert d.machine.rank_state(2) == "serving"
     # ...and after the shrink nothing else starts (the real agent answers a
     # Retry with JoinerReady; send it anyway to show it is harmless).
-    d.handle(JoinerReady(2, d.sessions[2]))
+    d.ready(2)
     d.shrink(out, lambda s: 60)
     assert d.machine.record().members == (0, 2)
     assert d.machine.op is None and d.machine.phase == Phase.DEGRADED
-    d.handle(JoinerReady(2, d.sessions[2]))
+    d.ready(2)
     assert d.machine.op is None and d.machine.phase == Phase.DEGRADED
 
 
@@ -970,7 +1314,7 @@ def test_a_joiner_that_cannot_be_planned_is_not_retried_in_a_loop() -> None:
     d.shrink(d.kill(2), lambda s: 6)
     assert d.machine.record().members == (0,)
     d.register(1, rejoin=True)
-    out = d.handle(JoinerReady(1, d.sessions[1]))  # expert 2 lives on ranks 1, 2 only
+    out = d.ready(1)  # expert 2 lives on ranks 1, 2 only
     ended = of_type(out, OperationEnded)
     assert [e.outcome for e in ended] == ["rolled_back"]
     assert "expert 2 of layer 0 has no replica on a healthy rank" in ended[0].reason
@@ -1010,7 +1354,7 @@ def test_a_joiner_is_never_a_survivor_of_a_rollback_shrink() -> None:
     d.shrink(out, lambda s: 4)
     assert d.machine.record().members == (2,)
     # The joiner is admitted the proper way: through a grow with a plan.
-    d.handle(JoinerReady(1, d.sessions[1]))
+    d.ready(1)
     assert d.machine.phase == Phase.PAUSING
 
 
@@ -1019,7 +1363,7 @@ def test_a_failed_command_on_a_live_rank_rolls_the_operation_back() -> None:
     d.form()
     d.shrink(d.kill(2), lambda s: 5)
     d.register(2, rejoin=True)
-    out = d.handle(JoinerReady(2, d.sessions[2]))
+    out = d.ready(2)
     rebuilds = {
         s.rank: s
         for s in sent(d.ack_all(sent(out, Hold), lambda s: Held(s.command.iteration)), Rebuild)
@@ -1112,6 +1456,7 @@ class Proc:
     group: dict[int, str] = field(default_factory=dict)  # member -> incarnation
     acks: list[Acked] = field(default_factory=list)
     done: set[int] = field(default_factory=set)  # command ids carried out
+    left: bool = False  # drained: told to leave, and gone
 
 
 Down = Accept | Refuse | Send
@@ -1286,6 +1631,12 @@ class ClusterSim(RuleBasedStateMachine):
 
     def _command(self, proc: Proc, send: Send) -> None:
         cmd = send.command
+        if isinstance(cmd, Leave):
+            # WorkerAgent._on_leave: at once, on the agent's thread; the session
+            # ends and the lease is revoked.
+            proc.left = True
+            self._die(proc, drop=False)
+            return
         if isinstance(cmd, Hold):
             # WorkerAgent._on_hold: record the order, answer PastTarget at once
             # if the engine already reached it; a held engine is released.
@@ -1294,6 +1645,14 @@ class ClusterSim(RuleBasedStateMachine):
                 self._ack(proc, send, PastTarget(proc.iteration))
             elif proc.mode == "held":
                 proc.mode = "running"
+            return
+        if isinstance(cmd, Prefetch):
+            # WorkerAgent: a source sends from a thread of its own while it
+            # serves; a joiner receives while it waits. Either answers now.
+            if send.command_id not in proc.done:
+                proc.done.add(send.command_id)
+                ok = self._peers_alive(send, cmd.members)
+                self._ack(proc, send, Resynced() if ok else CommandFailed("peer gone"))
             return
         if isinstance(cmd, Abort) and proc.mode == "running":
             # abort_collectives makes the step raise: StepFailed, then serve.
@@ -1394,7 +1753,17 @@ class ClusterSim(RuleBasedStateMachine):
         self.etcd.append(LeaseExpired(proc.rank, proc.lease_id))
 
     def _covered_without(self, victim: Proc) -> bool:
-        holders = [p.rank for p in self.procs.values() if p.alive and p.holder and p is not victim]
+        m = self.machine
+        assert m is not None
+        # A rank being drained, or drained, will not serve its experts.
+        leaving = set(m.drained)
+        if m.op is not None and m.op.kind == OpKind.DRAIN:
+            leaving |= set(m.op.leaving)
+        holders = [
+            p.rank
+            for p in self.procs.values()
+            if p.alive and p.holder and p is not victim and p.rank not in leaving
+        ]
         for layer in self.placement.layers:
             have = {layer[s] for r in holders for s in self.placement.slots_of_rank(r)}
             if have != set(layer):
@@ -1412,7 +1781,8 @@ class ClusterSim(RuleBasedStateMachine):
         pre_ids = (pre.op_id, pre.command_id, pre.target_epoch) if pre else None
         pre_hold = pre is not None and pre.step == Step.HOLD
         pre_awaiting = set(pre.awaiting) if pre else set()
-        pre_session = m.ranks[event.rank].session if event.rank in m.ranks else None
+        rank = getattr(event, "rank", None)  # admin requests and ticks name none
+        pre_session = m.ranks[rank].session if rank in m.ranks else None
         self.now += 0.01
         actions: list[Action] | None = None
         # handle() needs a few dozen frames; an unbounded recursion in it is cut
@@ -1466,6 +1836,13 @@ class ClusterSim(RuleBasedStateMachine):
             assert after == before
             assert refusals[0].end_session == isinstance(event, RankRegistered)
 
+        # (1) a refused admin call changes nothing and sends nothing.
+        if isinstance(event, AdminRequested):
+            [answer] = of_type(actions, AdminAnswered)
+            if answer.code is not None:
+                assert [a for a in actions if not isinstance(a, Persist)] == [answer], actions
+                assert after == before
+
         # What reached the coordinator: iterations reported on the current session,
         # acks that counted.
         current = pre_session is not None and getattr(event, "session", None) == pre_session
@@ -1487,6 +1864,8 @@ class ClusterSim(RuleBasedStateMachine):
         }
         for a in actions:
             if isinstance(a, RankFailed):
+                # A drained rank that left is gone, not failed.
+                assert not self.procs[a.rank].left, a
                 self.failed[a.rank] = True
             elif isinstance(a, Accept):
                 self.failed[a.rank] = False
@@ -1567,14 +1946,20 @@ class ClusterSim(RuleBasedStateMachine):
         assert send.epoch == op.target_epoch
         survivors, participants = op.survivors, op.participants
         assert not set(survivors) & set(op.joining)
+        # Everyone in the old groups holds at the cut: a drained rank too.
+        hold_ranks = set(survivors) | (set(op.leaving) if op.kind == OpKind.DRAIN else set())
         match cmd:
+            case Leave():
+                # Only a drained rank, once out of the committed epoch.
+                assert op.kind == OpKind.DRAIN and send.rank in op.leaving
+                assert send.rank not in after.members and after.epoch == send.epoch
             case Hold(iteration):
-                assert send.rank in survivors
+                assert send.rank in hold_ranks
                 holds = self.holds.setdefault(send.op_id, [])
                 if not holds or holds[-1][0] != send.command_id:
                     # (3) one cut: when issued, past every iteration the
-                    # survivors reported, and past this operation's last target.
-                    for r in survivors:
+                    # ranks holding reported, and past this operation's last target.
+                    for r in hold_ranks:
                         seen = self.reported.get((r, self.accepted.get(r, "")))
                         assert seen is None or iteration > seen, (r, seen, iteration)
                     assert not holds or iteration > holds[-1][1]
@@ -1589,6 +1974,20 @@ class ClusterSim(RuleBasedStateMachine):
                 # (2) the store prefix names the epoch: generations never mix.
                 assert prefix == store_prefix(CLUSTER, epoch)
                 assert f"/epoch-{epoch}/" in prefix
+            case Prefetch(plan, epoch, members, prefix):
+                # (4) the same plan the pause's Resync carries, moved while the
+                # survivors serve: only to the joiners and the plan's sources,
+                # on a staging group of the target epoch's own prefix.
+                assert op.kind == OpKind.GROW and epoch == op.target_epoch
+                assert plan == transfer_plan(self.placement, survivors, op.joining)
+                assert members == tuple(
+                    sorted({t.src_rank for t in plan.transfers} | set(op.joining))
+                )
+                assert send.rank in members
+                assert prefix == store_prefix(CLUSTER, epoch) + "prefetch/"
+                for rank in {t.src_rank for t in plan.transfers}:
+                    assert rank in survivors and rank in after.members
+                    assert not m.ranks[rank].failed and not self.failed.get(rank)
             case Resync(plan, source, placement):
                 assert send.rank in participants
                 # (4) one plan, the same for every participant, computed from the
@@ -1608,11 +2007,11 @@ class ClusterSim(RuleBasedStateMachine):
             case Resume(iteration, members):
                 assert send.rank in participants and members == participants
                 assert after.epoch == send.epoch  # committed before RESUME
-                if op.kind == OpKind.GROW:
-                    # (3) the grow resumes at the iteration every survivor held at.
+                if op.kind in (OpKind.GROW, OpKind.DRAIN):
+                    # (3) a grow or drain resumes at the iteration every rank held at.
                     hold_id, target = self.holds[send.op_id][-1]
                     held = self.counted.get((send.op_id, hold_id), {})
-                    assert set(held) == set(survivors), (held, survivors)
+                    assert set(held) == hold_ranks, (held, hold_ranks)
                     assert {h.iteration for h in held.values() if isinstance(h, Held)} == {
                         iteration
                     }
@@ -1729,6 +2128,20 @@ class ClusterSim(RuleBasedStateMachine):
         if dead:
             self._launch(dead[i % len(dead)], rejoin)
 
+    @rule(i=st.integers(0, 10**6), admit=st.booleans(), outside=st.booleans())
+    def operator(self, i: int, admit: bool, outside: bool) -> None:
+        """An operator drains a rank or admits one, whatever state the cluster
+        is in (the machine refuses what does not fit; the checker asserts a
+        refusal changes nothing), sometimes naming a rank outside the world.
+        Like `kill`, it never drains the last live holder of an expert."""
+        rank = (self.n + i % 3 if i % 2 else -1 - i % 3) if outside else i % self.n
+        proc = self.procs.get(rank)
+        if not admit and proc is not None and proc.holder and not self._covered_without(proc):
+            return
+        self.gen += 1
+        command = Admit(rank) if admit else Drain(rank)
+        self._handle(AdminRequested(f"operator-{self.gen}", command))
+
     @rule(i=st.integers(0, 10**6), j=st.integers(0, 10**6))
     def duplicate(self, i: int, j: int) -> None:
         """A rank sends an ack (or its readiness) a second time."""
@@ -1769,6 +2182,7 @@ class ClusterSim(RuleBasedStateMachine):
             ack = Acked(p.rank, p.session, epoch, op.op_id, op.command_id, Halted(x))
         elif kind == "wrong-type" and op.step != Step.WAIT_READY:
             expected = {
+                Step.PREFETCH: (Resynced,),
                 Step.HOLD: (Held, PastTarget),
                 Step.ABORT: (Halted,),
                 Step.REBUILD: (GroupsReady,),
@@ -1857,17 +2271,24 @@ class ClusterSim(RuleBasedStateMachine):
             assert p.alive and m.ranks[r].session == p.session, (r, record)
             assert p.mode == "running" and p.epoch == record.epoch, (p, record)
         for p in self.procs.values():
-            if p.alive and p.welcomed and record.members:
+            if p.alive and p.welcomed and record.members and p.rank not in m.drained:
                 assert p.rank in record.members, (p, record)  # joiners admitted
         # Stage B: every dead rank is relaunched (with --rejoin once the cluster
-        # has formed, as an operator would), and the cluster is whole again.
+        # has formed, as an operator would), an operator admits the drained
+        # ones, and the cluster is whole again.
         for _ in range(3):
             dead = [r for r, p in sorted(self.procs.items()) if not p.alive]
-            if not dead:
+            if not dead and not m.drained:
                 break
             for r in dead:
                 self._launch(r, rejoin=bool(m.record().members))
             self._settle("rejoin")
+            for r in sorted(m.drained):
+                self.gen += 1
+                out = self._handle(AdminRequested(f"teardown-{self.gen}", Admit(r)))
+                [answer] = of_type(out, AdminAnswered)
+                assert answer.code is None, answer
+                self._settle("admit")
         record = m.record()
         assert record.phase == Phase.STEADY, record
         assert record.members == tuple(range(self.n)) and record.operation is None

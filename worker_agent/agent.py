@@ -10,6 +10,10 @@
             agent.on_step_failed(engine.iteration, exc)   # held until rebuilt
     agent.stop()
 
+`AgentStopped` from `at_boundary`/`on_step_failed` means stop serving (relaunch
+with --rejoin); `AgentDrained`, its subclass, that an operator drained the rank
+(exit cleanly, do not relaunch).
+
 A background thread runs an asyncio loop that keeps the etcd lease alive and
 holds the gRPC session. Commands that need the engine (rebuild, resync, resume)
 run on the engine's thread while it is held inside `at_boundary` or
@@ -42,7 +46,7 @@ from protos.types import Placement, TransferPlan
 from worker_agent.adapter import EngineAdapter, GroupSpec, StepAborted
 from worker_agent.groups import build_gloo_group, release_in_background
 from worker_agent.lease import RankLease
-from worker_agent.resync import execute_resync
+from worker_agent.resync import execute_resync, execute_transfers
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,12 @@ class RegistrationRefused(RuntimeError):
 
 class AgentStopped(RuntimeError):
     """The agent was stopped, or lost its lease: the engine must stop serving."""
+
+
+class AgentDrained(AgentStopped):
+    """An operator drained this rank: the cluster goes on without it. The
+    engine stops serving and exits cleanly; its supervisor must not relaunch
+    it (a relaunch with --rejoin waits for an operator's Admit)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,9 @@ class WorkerAgent:
         self._last_command_key: tuple[str, int] | None = None
         self._ready_announced = False
         self._group: dist.ProcessGroup | None = None
+        # The staging group of a prefetch, and what was prefetched: (op id, plan).
+        self._staging: dist.ProcessGroup | None = None
+        self._prefetched: tuple[str, TransferPlan] | None = None
         self._members: tuple[int, ...] = ()
         self._progress_interval_s = 0.05
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,6 +142,7 @@ class WorkerAgent:
         self._start_error: BaseException | None = None
         self._stopping = threading.Event()
         self._fatal: str | None = None
+        self._drained: str | None = None  # the reason, once told to leave
 
     # --- engine surface -------------------------------------------------------
 
@@ -252,18 +266,22 @@ class WorkerAgent:
                 )
                 build_ms = (time.perf_counter() - started) * 1000.0
                 self._ack(order, groups_ready=worker_pb2.GroupsReady(build_ms=build_ms))
+            case "prefetch":
+                self._prefetch(order)
             case "resync":
                 if self._group is None:
                     raise RuntimeError("resync before the groups of the epoch were built")
+                plan = TransferPlan.from_proto(cmd.resync.plan)
                 result = execute_resync(
                     group=self._group,
                     rank=self.config.rank,
                     members=self._members,
-                    plan=TransferPlan.from_proto(cmd.resync.plan),
+                    plan=plan,
                     metadata_source=cmd.resync.metadata_source,
                     placement=Placement.from_proto(cmd.resync.placement),
                     adapter=self.adapter,
                     aborted=superseded,
+                    prefetched=self._prefetched == (order.op_id, plan),
                 )
                 self._ack(
                     order,
@@ -303,10 +321,66 @@ class WorkerAgent:
                 pass  # the agent thread handles hold orders
         return False
 
+    def _prefetch(self, order: _Order) -> None:
+        """Carry out a Prefetch: this rank's part of the plan on the staging group."""
+        cmd = order.command.prefetch
+        g = cmd.groups
+        spec = GroupSpec(
+            epoch=g.epoch,
+            store_host=g.store_host,
+            store_port=g.store_port,
+            store_prefix=g.store_prefix,
+            members=tuple(g.members),
+            timeout_s=g.timeout_ms / 1000.0,
+        )
+        plan = TransferPlan.from_proto(cmd.plan)
+        superseded = self._superseded_by_newer(order)
+        started = time.perf_counter()
+        self._staging = build_gloo_group(
+            spec, self.config.rank, "staging", superseded, self.config.group_hostname
+        )
+        try:
+            received, sent = execute_transfers(
+                group=self._staging,
+                rank=self.config.rank,
+                members=spec.members,
+                plan=plan,
+                adapter=self.adapter,
+                aborted=superseded,
+            )
+        finally:
+            release_in_background(self, "_staging")
+        self._prefetched = (order.op_id, plan)
+        self._ack(
+            order,
+            resynced=worker_pb2.Resynced(
+                bytes_received=received,
+                bytes_sent=sent,
+                transfer_ms=(time.perf_counter() - started) * 1000.0,
+            ),
+        )
+
+    def _prefetch_while_serving(self, order: _Order) -> None:
+        """A source's prefetch, on a thread of its own: the engine serves on.
+        Expert weights do not change while serving, so reading them here races
+        with nothing."""
+        try:
+            self._prefetch(order)
+        except Exception as exc:
+            log.exception("prefetch failed", extra=fields(op_id=order.op_id))
+            self._ack(order, failed=worker_pb2.CommandFailed(message=str(exc)[:500]))
+
     def _superseded_by_newer(self, order: _Order) -> _Superseded:
         return _Superseded(self, order.command_id)
 
+    @property
+    def drained(self) -> bool:
+        """Whether the coordinator told this rank to leave (see AgentDrained)."""
+        return self._drained is not None
+
     def _check_alive(self) -> None:
+        if self._drained is not None:
+            raise AgentDrained(self._drained)
         if self._fatal is not None:
             raise AgentStopped(self._fatal)
         if self._stopping.is_set():
@@ -521,10 +595,27 @@ class WorkerAgent:
         if kind == "hold":
             self._on_hold(order)
             return
+        if kind == "prefetch" and self._admitted:
+            threading.Thread(
+                target=self._prefetch_while_serving, args=(order,), name="ep-prefetch", daemon=True
+            ).start()
+            return
+        if kind == "leave":
+            self._on_leave(cmd.leave.reason)
+            return
         if kind == "abort":
             # Releases a step blocked on a dead peer; the engine then holds.
             self.adapter.abort_collectives(cmd.abort.epoch)
         self._inbox.put(order)
+
+    def _on_leave(self, reason: str) -> None:
+        """Drained: stop for good. The session ends and the lease is revoked
+        (the coordinator expects both and counts neither as a failure); the
+        engine, held at the cut, raises AgentDrained."""
+        log.info("drained", extra=fields(rank=self.config.rank, reason=reason))
+        self._drained = f"rank {self.config.rank} drained: {reason}"
+        self._die(self._drained)
+        self._stopping.set()
 
     def _on_hold(self, order: _Order) -> None:
         target = order.command.hold.iteration
@@ -557,4 +648,11 @@ class _Superseded:
         )
 
 
-__all__ = ["AgentConfig", "AgentStopped", "RegistrationRefused", "StepAborted", "WorkerAgent"]
+__all__ = [
+    "AgentConfig",
+    "AgentDrained",
+    "AgentStopped",
+    "RegistrationRefused",
+    "StepAborted",
+    "WorkerAgent",
+]

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from worker_agent.adapter import GroupSpec, StepAborted
 
 POLL_S = 0.0002
+STORE_CONNECT_TIMEOUT_S = 2.0
 
 GLOO = "gloo"
 NCCL = "nccl"
@@ -70,13 +71,18 @@ def wait_work(work: dist.Work, aborted: Callable[[], bool]) -> None:
 
 
 def epoch_store(spec: GroupSpec, namespace: str) -> dist.PrefixStore:
+    # Connecting gives up after STORE_CONNECT_TIMEOUT_S, not the group timeout:
+    # the store lives in the coordinator, and after a fail-over in the middle of
+    # a rebuild the old one is gone; the rank must be free for the new leader's
+    # first command (an abort) well within that phase's deadline.
     base = dist.TCPStore(
         spec.store_host,
         spec.store_port,
         is_master=False,
         wait_for_workers=False,
-        timeout=timedelta(seconds=spec.timeout_s),
+        timeout=timedelta(seconds=min(spec.timeout_s, STORE_CONNECT_TIMEOUT_S)),
     )
+    base.set_timeout(timedelta(seconds=spec.timeout_s))
     return dist.PrefixStore(f"{spec.store_prefix}{namespace}/", base)
 
 

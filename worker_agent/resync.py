@@ -52,11 +52,33 @@ def execute_resync(
     placement: Placement,
     adapter: EngineAdapter,
     aborted: Callable[[], bool],
+    prefetched: bool = False,
 ) -> ResyncResult:
+    """The pause's resync: the metadata hand-off, then the plan's transfers,
+    unless `prefetched` (this rank carried out this very plan already while
+    serving; every participant of it did, or the operation would not be here)."""
     started = time.perf_counter()
     blob = adapter.export_metadata() if rank == metadata_source else b""
     blob = broadcast_bytes(group, blob, members.index(metadata_source), aborted)
     adapter.apply_metadata(blob, placement)
+    received = sent = 0
+    if not prefetched:
+        received, sent = execute_transfers(
+            group=group, rank=rank, members=members, plan=plan, adapter=adapter, aborted=aborted
+        )
+    return ResyncResult(received, sent, (time.perf_counter() - started) * 1000.0)
+
+
+def execute_transfers(
+    *,
+    group: dist.ProcessGroup,
+    rank: int,
+    members: tuple[int, ...],
+    plan: TransferPlan,
+    adapter: EngineAdapter,
+    aborted: Callable[[], bool],
+) -> tuple[int, int]:
+    """This rank's sends and receives of `plan` over `group`; (received, sent) bytes."""
     works: list[dist.Work] = []
     sent = received = 0
     for index, t in enumerate(plan.transfers):
@@ -71,4 +93,4 @@ def execute_resync(
                 works.append(group.recv([tensor], members.index(t.src_rank), tag))
                 received += tensor.numel() * tensor.element_size()
     wait_p2p(works, aborted)
-    return ResyncResult(received, sent, (time.perf_counter() - started) * 1000.0)
+    return received, sent

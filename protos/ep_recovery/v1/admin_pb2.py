@@ -25,35 +25,55 @@ _sym_db = _symbol_database.Default()
 from protos.ep_recovery.v1 import common_pb2 as protos_dot_ep__recovery_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/ep_recovery/v1/admin.proto\x12\x0e\x65p_recovery.v1\x1a\"protos/ep_recovery/v1/common.proto\"J\n\x15\x41\x62ortOperationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05op_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\";\n\x14SetAutoRejoinRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"C\n\nAdminReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\x12\n\x10GetStatusRequest\"\x9d\x01\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.ep_recovery.v1.RankState\x12\x11\n\titeration\x18\x03 \x01(\x03\x12\x1d\n\x15last_heartbeat_ms_ago\x18\x04 \x01(\x03\x12\x13\n\x0bincarnation\x18\x05 \x01(\t\x12\x10\n\x08lease_id\x18\x06 \x01(\x03\"\x9e\x01\n\tOperation\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.ep_recovery.v1.Phase\x12\x14\n\x0ctarget_epoch\x18\x04 \x01(\x04\x12\x0f\n\x07joining\x18\x05 \x03(\r\x12\x0f\n\x07leaving\x18\x06 \x03(\r\x12\x16\n\x0ehold_iteration\x18\x07 \x01(\x03\"\xc0\x03\n\rClusterStatus\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.ep_recovery.v1.Phase\x12\x0f\n\x07members\x18\x04 \x03(\r\x12\x17\n\x0fpending_members\x18\x05 \x03(\r\x12\x12\n\nworld_size\x18\x06 \x01(\r\x12\x19\n\x11placement_version\x18\x07 \x01(\x04\x12)\n\x05ranks\x18\x08 \x03(\x0b\x32\x1a.ep_recovery.v1.RankStatus\x12,\n\toperation\x18\t \x01(\x0b\x32\x19.ep_recovery.v1.Operation\x12\x13\n\x0b\x66ingerprint\x18\n \x01(\t\x12+\n\x08timeline\x18\x0b \x03(\x0b\x32\x19.ep_recovery.v1.PhaseSpan\x12/\n\x08\x66\x61ilures\x18\x0c \x03(\x0b\x32\x1d.ep_recovery.v1.FailureRecord\x12\x34\n\noperations\x18\r \x03(\x0b\x32 .ep_recovery.v1.OperationSummary\x12\x0e\n\x06leader\x18\x0e \x01(\x08\"{\n\tPhaseSpan\x12$\n\x05phase\x18\x01 \x01(\x0e\x32\x15.ep_recovery.v1.Phase\x12\r\n\x05op_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x15\n\rstart_unix_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x65nd_unix_ms\x18\x05 \x01(\x01\"c\n\rFailureRecord\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11suspected_unix_ms\x18\x03 \x01(\x01\x12\x19\n\x11\x63onfirmed_unix_ms\x18\x04 \x01(\x01\"\xce\x01\n\x10OperationSummary\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0e\n\x06joined\x18\x05 \x03(\r\x12\x0c\n\x04left\x18\x06 \x03(\r\x12\x10\n\x08stall_ms\x18\x07 \x01(\x01\x12\x15\n\rstart_unix_ms\x18\x08 \x01(\x01\x12\x13\n\x0b\x65nd_unix_ms\x18\t \x01(\x01\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x11\n\tretargets\x18\x0b \x01(\r*\x9d\x01\n\tRankState\x12\x1a\n\x16RANK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RANK_STATE_ABSENT\x10\x01\x12\x16\n\x12RANK_STATE_SERVING\x10\x02\x12\x16\n\x12RANK_STATE_SUSPECT\x10\x03\x12\x15\n\x11RANK_STATE_FAILED\x10\x04\x12\x16\n\x12RANK_STATE_JOINING\x10\x05\x32\x84\x02\n\x0c\x41\x64minService\x12L\n\tGetStatus\x12 .ep_recovery.v1.GetStatusRequest\x1a\x1d.ep_recovery.v1.ClusterStatus\x12S\n\x0e\x41\x62ortOperation\x12%.ep_recovery.v1.AbortOperationRequest\x1a\x1a.ep_recovery.v1.AdminReply\x12Q\n\rSetAutoRejoin\x12$.ep_recovery.v1.SetAutoRejoinRequest\x1a\x1a.ep_recovery.v1.AdminReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/ep_recovery/v1/admin.proto\x12\x0e\x65p_recovery.v1\x1a\"protos/ep_recovery/v1/common.proto\"J\n\x15\x41\x62ortOperationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05op_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\";\n\x14SetAutoRejoinRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"0\n\x0c\x44rainRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x03\"0\n\x0c\x41\x64mitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x03\"R\n\nAdminReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12\r\n\x05op_id\x18\x04 \x01(\t\"&\n\x15ListOperationsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"K\n\x13ListOperationsReply\x12\x34\n\noperations\x18\x01 \x03(\x0b\x32 .ep_recovery.v1.OperationSummary\"$\n\x13GetOperationRequest\x12\r\n\x05op_id\x18\x01 \x01(\t\"c\n\x08RankSpan\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\t\x12\x15\n\rstart_unix_ms\x18\x03 \x01(\x01\x12\x13\n\x0b\x65nd_unix_ms\x18\x04 \x01(\x01\x12\x0f\n\x07outcome\x18\x05 \x01(\t\"\x98\x01\n\x0fOperationDetail\x12\x31\n\x07summary\x18\x01 \x01(\x0b\x32 .ep_recovery.v1.OperationSummary\x12)\n\x06phases\x18\x02 \x03(\x0b\x32\x19.ep_recovery.v1.PhaseSpan\x12\'\n\x05ranks\x18\x03 \x03(\x0b\x32\x18.ep_recovery.v1.RankSpan\"\x14\n\x12WatchEventsRequest\"\x82\x01\n\tAdminCall\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\r\n\x05op_id\x18\x07 \x01(\t\"\xf6\x02\n\x0c\x43lusterEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07unix_ms\x18\x02 \x01(\x01\x12\x31\n\x08snapshot\x18\n \x01(\x0b\x32\x1d.ep_recovery.v1.ClusterStatusH\x00\x12*\n\x05phase\x18\x0b \x01(\x0b\x32\x19.ep_recovery.v1.PhaseSpanH\x00\x12=\n\x11operation_started\x18\x0c \x01(\x0b\x32 .ep_recovery.v1.OperationSummaryH\x00\x12;\n\x0foperation_ended\x18\r \x01(\x0b\x32 .ep_recovery.v1.OperationSummaryH\x00\x12\x34\n\x0brank_failed\x18\x0e \x01(\x0b\x32\x1d.ep_recovery.v1.FailureRecordH\x00\x12/\n\nadmin_call\x18\x0f \x01(\x0b\x32\x19.ep_recovery.v1.AdminCallH\x00\x42\x06\n\x04\x62ody\"\x12\n\x10GetStatusRequest\"\xac\x01\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.ep_recovery.v1.RankState\x12\x11\n\titeration\x18\x03 \x01(\x03\x12\x1d\n\x15last_heartbeat_ms_ago\x18\x04 \x01(\x03\x12\x13\n\x0bincarnation\x18\x05 \x01(\t\x12\x10\n\x08lease_id\x18\x06 \x01(\x03\x12\r\n\x05ready\x18\x07 \x01(\x08\"\x9e\x01\n\tOperation\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.ep_recovery.v1.Phase\x12\x14\n\x0ctarget_epoch\x18\x04 \x01(\x04\x12\x0f\n\x07joining\x18\x05 \x03(\r\x12\x0f\n\x07leaving\x18\x06 \x03(\r\x12\x16\n\x0ehold_iteration\x18\x07 \x01(\x03\"\xc0\x03\n\rClusterStatus\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.ep_recovery.v1.Phase\x12\x0f\n\x07members\x18\x04 \x03(\r\x12\x17\n\x0fpending_members\x18\x05 \x03(\r\x12\x12\n\nworld_size\x18\x06 \x01(\r\x12\x19\n\x11placement_version\x18\x07 \x01(\x04\x12)\n\x05ranks\x18\x08 \x03(\x0b\x32\x1a.ep_recovery.v1.RankStatus\x12,\n\toperation\x18\t \x01(\x0b\x32\x19.ep_recovery.v1.Operation\x12\x13\n\x0b\x66ingerprint\x18\n \x01(\t\x12+\n\x08timeline\x18\x0b \x03(\x0b\x32\x19.ep_recovery.v1.PhaseSpan\x12/\n\x08\x66\x61ilures\x18\x0c \x03(\x0b\x32\x1d.ep_recovery.v1.FailureRecord\x12\x34\n\noperations\x18\r \x03(\x0b\x32 .ep_recovery.v1.OperationSummary\x12\x0e\n\x06leader\x18\x0e \x01(\x08\"{\n\tPhaseSpan\x12$\n\x05phase\x18\x01 \x01(\x0e\x32\x15.ep_recovery.v1.Phase\x12\r\n\x05op_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x15\n\rstart_unix_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x65nd_unix_ms\x18\x05 \x01(\x01\"c\n\rFailureRecord\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11suspected_unix_ms\x18\x03 \x01(\x01\x12\x19\n\x11\x63onfirmed_unix_ms\x18\x04 \x01(\x01\"\xbf\x02\n\x10OperationSummary\x12\r\n\x05op_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0e\n\x06joined\x18\x05 \x03(\r\x12\x0c\n\x04left\x18\x06 \x03(\r\x12\x10\n\x08stall_ms\x18\x07 \x01(\x01\x12\x15\n\rstart_unix_ms\x18\x08 \x01(\x01\x12\x13\n\x0b\x65nd_unix_ms\x18\t \x01(\x01\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x11\n\tretargets\x18\x0b \x01(\r\x12\x14\n\x0ctarget_epoch\x18\x0c \x01(\x04\x12\x11\n\tsurvivors\x18\r \x03(\r\x12\x0f\n\x07joining\x18\x0e \x03(\r\x12\x0f\n\x07leaving\x18\x0f \x03(\r\x12$\n\x05phase\x18\x10 \x01(\x0e\x32\x15.ep_recovery.v1.Phase*\xb5\x01\n\tRankState\x12\x1a\n\x16RANK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RANK_STATE_ABSENT\x10\x01\x12\x16\n\x12RANK_STATE_SERVING\x10\x02\x12\x16\n\x12RANK_STATE_SUSPECT\x10\x03\x12\x15\n\x11RANK_STATE_FAILED\x10\x04\x12\x16\n\x12RANK_STATE_JOINING\x10\x05\x12\x16\n\x12RANK_STATE_DRAINED\x10\x06\x32\x91\x05\n\x0c\x41\x64minService\x12L\n\tGetStatus\x12 .ep_recovery.v1.GetStatusRequest\x1a\x1d.ep_recovery.v1.ClusterStatus\x12S\n\x0e\x41\x62ortOperation\x12%.ep_recovery.v1.AbortOperationRequest\x1a\x1a.ep_recovery.v1.AdminReply\x12Q\n\rSetAutoRejoin\x12$.ep_recovery.v1.SetAutoRejoinRequest\x1a\x1a.ep_recovery.v1.AdminReply\x12\x41\n\x05\x44rain\x12\x1c.ep_recovery.v1.DrainRequest\x1a\x1a.ep_recovery.v1.AdminReply\x12\x41\n\x05\x41\x64mit\x12\x1c.ep_recovery.v1.AdmitRequest\x1a\x1a.ep_recovery.v1.AdminReply\x12\\\n\x0eListOperations\x12%.ep_recovery.v1.ListOperationsRequest\x1a#.ep_recovery.v1.ListOperationsReply\x12T\n\x0cGetOperation\x12#.ep_recovery.v1.GetOperationRequest\x1a\x1f.ep_recovery.v1.OperationDetail\x12Q\n\x0bWatchEvents\x12\".ep_recovery.v1.WatchEventsRequest\x1a\x1c.ep_recovery.v1.ClusterEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.ep_recovery.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RANKSTATE']._serialized_start=1523
-  _globals['_RANKSTATE']._serialized_end=1680
+  _globals['_RANKSTATE']._serialized_start=2709
+  _globals['_RANKSTATE']._serialized_end=2890
   _globals['_ABORTOPERATIONREQUEST']._serialized_start=89
   _globals['_ABORTOPERATIONREQUEST']._serialized_end=163
   _globals['_SETAUTOREJOINREQUEST']._serialized_start=165
   _globals['_SETAUTOREJOINREQUEST']._serialized_end=224
-  _globals['_ADMINREPLY']._serialized_start=226
-  _globals['_ADMINREPLY']._serialized_end=293
-  _globals['_GETSTATUSREQUEST']._serialized_start=295
-  _globals['_GETSTATUSREQUEST']._serialized_end=313
-  _globals['_RANKSTATUS']._serialized_start=316
-  _globals['_RANKSTATUS']._serialized_end=473
-  _globals['_OPERATION']._serialized_start=476
-  _globals['_OPERATION']._serialized_end=634
-  _globals['_CLUSTERSTATUS']._serialized_start=637
-  _globals['_CLUSTERSTATUS']._serialized_end=1085
-  _globals['_PHASESPAN']._serialized_start=1087
-  _globals['_PHASESPAN']._serialized_end=1210
-  _globals['_FAILURERECORD']._serialized_start=1212
-  _globals['_FAILURERECORD']._serialized_end=1311
-  _globals['_OPERATIONSUMMARY']._serialized_start=1314
-  _globals['_OPERATIONSUMMARY']._serialized_end=1520
-  _globals['_ADMINSERVICE']._serialized_start=1683
-  _globals['_ADMINSERVICE']._serialized_end=1943
+  _globals['_DRAINREQUEST']._serialized_start=226
+  _globals['_DRAINREQUEST']._serialized_end=274
+  _globals['_ADMITREQUEST']._serialized_start=276
+  _globals['_ADMITREQUEST']._serialized_end=324
+  _globals['_ADMINREPLY']._serialized_start=326
+  _globals['_ADMINREPLY']._serialized_end=408
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=410
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=448
+  _globals['_LISTOPERATIONSREPLY']._serialized_start=450
+  _globals['_LISTOPERATIONSREPLY']._serialized_end=525
+  _globals['_GETOPERATIONREQUEST']._serialized_start=527
+  _globals['_GETOPERATIONREQUEST']._serialized_end=563
+  _globals['_RANKSPAN']._serialized_start=565
+  _globals['_RANKSPAN']._serialized_end=664
+  _globals['_OPERATIONDETAIL']._serialized_start=667
+  _globals['_OPERATIONDETAIL']._serialized_end=819
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=821
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=841
+  _globals['_ADMINCALL']._serialized_start=844
+  _globals['_ADMINCALL']._serialized_end=974
+  _globals['_CLUSTEREVENT']._serialized_start=977
+  _globals['_CLUSTEREVENT']._serialized_end=1351
+  _globals['_GETSTATUSREQUEST']._serialized_start=1353
+  _globals['_GETSTATUSREQUEST']._serialized_end=1371
+  _globals['_RANKSTATUS']._serialized_start=1374
+  _globals['_RANKSTATUS']._serialized_end=1546
+  _globals['_OPERATION']._serialized_start=1549
+  _globals['_OPERATION']._serialized_end=1707
+  _globals['_CLUSTERSTATUS']._serialized_start=1710
+  _globals['_CLUSTERSTATUS']._serialized_end=2158
+  _globals['_PHASESPAN']._serialized_start=2160
+  _globals['_PHASESPAN']._serialized_end=2283
+  _globals['_FAILURERECORD']._serialized_start=2285
+  _globals['_FAILURERECORD']._serialized_end=2384
+  _globals['_OPERATIONSUMMARY']._serialized_start=2387
+  _globals['_OPERATIONSUMMARY']._serialized_end=2706
+  _globals['_ADMINSERVICE']._serialized_start=2893
+  _globals['_ADMINSERVICE']._serialized_end=3550
 # @@protoc_insertion_point(module_scope)

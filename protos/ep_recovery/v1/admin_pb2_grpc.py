@@ -49,6 +49,31 @@ class AdminServiceStub:
                 request_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.SetAutoRejoinRequest.SerializeToString,
                 response_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/ep_recovery.v1.AdminService/Drain',
+                request_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.Admit = channel.unary_unary(
+                '/ep_recovery.v1.AdminService/Admit',
+                request_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdmitRequest.SerializeToString,
+                response_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.ListOperations = channel.unary_unary(
+                '/ep_recovery.v1.AdminService/ListOperations',
+                request_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ListOperationsRequest.SerializeToString,
+                response_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ListOperationsReply.FromString,
+                _registered_method=True)
+        self.GetOperation = channel.unary_unary(
+                '/ep_recovery.v1.AdminService/GetOperation',
+                request_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.GetOperationRequest.SerializeToString,
+                response_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.OperationDetail.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/ep_recovery.v1.AdminService/WatchEvents',
+                request_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ClusterEvent.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -75,6 +100,53 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Remove a live member gracefully: everyone holds at one iteration boundary,
+        the others rebuild without it and resume, and its agent is told to leave
+        (AgentDrained). It is not a failure, and it is not admitted again until an
+        Admit. INVALID_ARGUMENT: a rank outside the world; NOT_FOUND: not a member;
+        FAILED_PRECONDITION: an operation in flight, a suspect member, the last
+        member, or an expert only it holds. Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Admit(self, request, context):
+        """Start the admission of a registered, ready joiner now (automatic rejoin
+        off, or a drained rank). FAILED_PRECONDITION: the rank is not waiting as a
+        ready joiner, or an operation is in flight. Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperations(self, request, context):
+        """The operations the coordinator remembers, newest first (the one in flight
+        first). A restarted coordinator starts a new history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperation(self, request, context):
+        """One operation with its phase timeline and each rank's steps; NOT_FOUND for
+        an id the coordinator does not remember.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """A snapshot of the cluster, then every event as it happens (phases,
+        operations starting and ending, rank failures, admin calls) until the
+        client cancels. A client too slow to keep up is cut off with
+        RESOURCE_EXHAUSTED and may watch again (it gets a fresh snapshot).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +164,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetAutoRejoin,
                     request_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.SetAutoRejoinRequest.FromString,
                     response_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.SerializeToString,
+            ),
+            'Admit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Admit,
+                    request_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdmitRequest.FromString,
+                    response_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.SerializeToString,
+            ),
+            'ListOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperations,
+                    request_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ListOperationsRequest.FromString,
+                    response_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ListOperationsReply.SerializeToString,
+            ),
+            'GetOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperation,
+                    request_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.GetOperationRequest.FromString,
+                    response_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.OperationDetail.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.WatchEventsRequest.FromString,
+                    response_serializer=protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ClusterEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +272,141 @@ class AdminService:
             '/ep_recovery.v1.AdminService/SetAutoRejoin',
             protos_dot_ep__recovery_dot_v1_dot_admin__pb2.SetAutoRejoinRequest.SerializeToString,
             protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ep_recovery.v1.AdminService/Drain',
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Admit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ep_recovery.v1.AdminService/Admit',
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdmitRequest.SerializeToString,
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ep_recovery.v1.AdminService/ListOperations',
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ListOperationsRequest.SerializeToString,
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ListOperationsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ep_recovery.v1.AdminService/GetOperation',
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.GetOperationRequest.SerializeToString,
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.OperationDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ep_recovery.v1.AdminService/WatchEvents',
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
+            protos_dot_ep__recovery_dot_v1_dot_admin__pb2.ClusterEvent.FromString,
             options,
             channel_credentials,
             insecure,

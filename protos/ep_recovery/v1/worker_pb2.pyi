@@ -218,7 +218,7 @@ class TransferPlan(_message.Message):
     def __init__(self, placement_version: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("epoch", "op_id", "command_id", "hold", "abort", "rebuild", "resync", "resume", "retry")
+    __slots__ = ("epoch", "op_id", "command_id", "hold", "abort", "rebuild", "resync", "resume", "retry", "leave", "prefetch")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,8 @@ class Command(_message.Message):
     RESYNC_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     op_id: str
     command_id: int
@@ -237,7 +239,9 @@ class Command(_message.Message):
     resync: Resync
     resume: Resume
     retry: Retry
-    def __init__(self, epoch: _Optional[int] = ..., op_id: _Optional[str] = ..., command_id: _Optional[int] = ..., hold: _Optional[_Union[Hold, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., rebuild: _Optional[_Union[Rebuild, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., retry: _Optional[_Union[Retry, _Mapping]] = ...) -> None: ...
+    leave: Leave
+    prefetch: Prefetch
+    def __init__(self, epoch: _Optional[int] = ..., op_id: _Optional[str] = ..., command_id: _Optional[int] = ..., hold: _Optional[_Union[Hold, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., rebuild: _Optional[_Union[Rebuild, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., retry: _Optional[_Union[Retry, _Mapping]] = ..., leave: _Optional[_Union[Leave, _Mapping]] = ..., prefetch: _Optional[_Union[Prefetch, _Mapping]] = ...) -> None: ...
 
 class Hold(_message.Message):
     __slots__ = ("iteration",)
@@ -256,6 +260,14 @@ class Rebuild(_message.Message):
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     groups: GroupSpec
     def __init__(self, groups: _Optional[_Union[GroupSpec, _Mapping]] = ...) -> None: ...
+
+class Prefetch(_message.Message):
+    __slots__ = ("plan", "groups")
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    plan: TransferPlan
+    groups: GroupSpec
+    def __init__(self, plan: _Optional[_Union[TransferPlan, _Mapping]] = ..., groups: _Optional[_Union[GroupSpec, _Mapping]] = ...) -> None: ...
 
 class Resync(_message.Message):
     __slots__ = ("plan", "metadata_source", "placement")
@@ -276,6 +288,12 @@ class Resume(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Retry(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class Leave(_message.Message):
     __slots__ = ("reason",)
     REASON_FIELD_NUMBER: _ClassVar[int]
     reason: str

@@ -1,0 +1,67 @@
+"""The faults `epctl demo --fault` injects: `[stop:]WHO@PHASE`, parsed and checked.
+
+WHO is `rank:N`, `joiner` (the rank being admitted when the phase begins),
+`coordinator` (the leader; the demo then runs a standby) or `etcd` (restarted
+on the same data dir). PHASE is a phase of the state machine, as the report's
+timeline names it. The action is SIGKILL, or SIGSTOP with the `stop:` prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coordinator.state_machine import Phase
+
+# Timeline order: the order the state machine's phases are declared in.
+PHASES: tuple[str, ...] = tuple(p.value for p in Phase)
+TARGETS = ("rank", "joiner", "coordinator", "etcd")
+
+
+@dataclass(frozen=True)
+class Fault:
+    target: str  # one of TARGETS
+    phase: str  # one of PHASES
+    rank: int | None = None  # for target "rank"
+    stop: bool = False  # SIGSTOP instead of SIGKILL
+
+    @property
+    def who(self) -> str:
+        return f"rank:{self.rank}" if self.target == "rank" else self.target
+
+    def __str__(self) -> str:
+        return f"{'stop:' if self.stop else ''}{self.who}@{self.phase}"
+
+
+def parse_fault(text: str, world_size: int) -> Fault:
+    """`[stop:]WHO@PHASE`; ValueError naming what is wrong."""
+    spec = text.strip()
+    stop = spec.startswith("stop:")
+    if stop:
+        spec = spec.removeprefix("stop:")
+    who, sep, phase = spec.partition("@")
+    if not sep or not who or not phase:
+        raise ValueError(f"--fault {text!r}: expected [stop:]WHO@PHASE, e.g. rank:2@pausing")
+    if phase not in PHASES:
+        raise ValueError(
+            f"--fault {text!r}: unknown phase {phase!r}; one of {', '.join(PHASES)} "
+            "(epctl demo --list-phases)"
+        )
+    target, _, number = who.partition(":")
+    if target not in TARGETS:
+        raise ValueError(
+            f"--fault {text!r}: unknown target {who!r}; one of rank:N, joiner, coordinator, etcd"
+        )
+    if target == "rank":
+        if not number.isdigit():
+            raise ValueError(f"--fault {text!r}: rank:N needs a rank number, got {who!r}")
+        rank = int(number)
+        if not 0 <= rank < world_size:
+            raise ValueError(
+                f"--fault {text!r}: rank {rank} is outside the cluster (0..{world_size - 1})"
+            )
+        return Fault("rank", phase, rank, stop)
+    if number:
+        raise ValueError(f"--fault {text!r}: {target} takes no number")
+    if stop and target == "etcd":
+        raise ValueError(f"--fault {text!r}: stop: applies to rank:N, joiner and coordinator")
+    return Fault(target, phase, None, stop)
