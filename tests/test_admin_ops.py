@@ -223,14 +223,21 @@ def test_watch_streams_a_recovery_as_it_happens(
             ranks[2].start()
 
             def grown() -> bool:
-                return any(
-                    e.WhichOneof("body") == "operation_ended"
+                events = list(received)
+                ends = [
+                    i
+                    for i, e in enumerate(events)
+                    if e.WhichOneof("body") == "operation_ended"
                     and e.operation_ended.kind == "grow"
                     and e.operation_ended.outcome == "completed"
-                    for e in list(received)
+                ]
+                # The phase after an operation is published after its end.
+                return bool(ends) and any(
+                    e.WhichOneof("body") == "phase" and phase_of(e) == "steady"
+                    for e in events[ends[0] :]
                 )
 
-            wait_until(grown, 60, "the grow's end on the stream")
+            wait_until(grown, 60, "the grow's end and the steady phase on the stream")
         finally:
             stream.cancel()
             reader.join(timeout=10)
