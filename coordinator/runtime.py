@@ -30,7 +30,7 @@ from grpc_health.v1 import health as grpc_health
 from coordinator import etcd_keys, security
 from coordinator import state_machine as sm
 from coordinator.cluster_store import ClusterStore, StaleWrite
-from coordinator.config import CoordinatorConfig, split_host_port
+from coordinator.config import CoordinatorConfig, is_loopback, split_host_port
 from coordinator.election import Deposed, LeaderLease, campaign
 from coordinator.history import History
 from coordinator.logs import fields
@@ -560,9 +560,15 @@ def _bind(
         extra=fields(
             tls=credentials is not None,
             mutual_tls=bool(secrets.client_ca),
-            admin_credential=" or ".join(admin) or "none (mutating admin calls are open)",
+            admin_credential=" or ".join(admin) or "none",
         ),
     )
+    if not admin and not is_loopback(split_host_port(config.listen)[0]):
+        log.warning(
+            "mutating admin calls are open to every client that reaches the port; "
+            "set admin_token_file or admin_identities",
+            extra=fields(listen=config.listen),
+        )
     return bound
 
 

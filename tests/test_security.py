@@ -377,6 +377,8 @@ def test_a_session_claiming_another_ranks_lease_is_refused(
         wait_until(lambda: victim.adapter.iteration > iteration + 5, 10, "rank 1 to go on")
         assert coord.phase() == "steady"
         assert [r.state for r in coord.status().ranks] == [admin_pb2.RANK_STATE_SERVING] * WORLD
+        # This coordinator has no TLS (on loopback), and says so.
+        assert "serving without TLS" in coord.log_tail()
 
 
 # --- etcd over TLS, with a client certificate and authentication ------------------
@@ -412,9 +414,10 @@ class TlsEtcd(LocalEtcd):
         ]  # fmt: skip
 
 
-async def _enable_auth(endpoint: str, access: EtcdAccess, password: str) -> None:
+async def _enable_auth(endpoint: str, access: EtcdAccess, password: str, cn_user: str) -> None:
     """etcd's authentication on, with a root user (what `etcdctl user add root`,
-    `etcdctl auth enable` do)."""
+    `etcdctl auth enable` do) and a user without a password whom etcd knows
+    by a client certificate's CN."""
     client = etcd_keys.new_client(*etcd_keys.split_endpoint(endpoint), access=access)
     try:
         await client.connect()
@@ -422,6 +425,12 @@ async def _enable_auth(endpoint: str, access: EtcdAccess, password: str) -> None
         await auth.RoleAdd(aetcd.rpc.AuthRoleAddRequest(name="root"))
         await auth.UserAdd(aetcd.rpc.AuthUserAddRequest(name="root", password=password))
         await auth.UserGrantRole(aetcd.rpc.AuthUserGrantRoleRequest(user="root", role="root"))
+        await auth.UserAdd(
+            aetcd.rpc.AuthUserAddRequest(
+                name=cn_user, options=aetcd.rpc.UserAddOptions(no_password=True)
+            )
+        )
+        await auth.UserGrantRole(aetcd.rpc.AuthUserGrantRoleRequest(user=cn_user, role="root"))
         await auth.AuthEnable(aetcd.rpc.AuthEnableRequest())
     finally:
         await client.close()
@@ -439,28 +448,35 @@ async def _try_put(endpoint: str, access: EtcdAccess | None) -> str:
             await client.close()
 
 
-def test_coordinator_and_agents_reach_etcd_over_tls_as_an_etcd_user(
+def test_coordinator_and_agents_reach_etcd_over_tls_as_etcd_users(
     tmp_path: Path, cluster_name: str
 ) -> None:
+    """The coordinator logs in with a user and password, the agents as the
+    user their client certificate's CN names (etcd's --client-cert-auth)."""
     ca = CertificateAuthority(tmp_path / "pki", "etcd")
-    client_cert = ca.issue("ep-recovery", client=True)
+    client_cert = ca.issue("ep-recovery", client=True)  # CN: no such etcd user
+    agent_cert = ca.issue("ep-agent", client=True)  # CN: an etcd user
     password = write_token(tmp_path / "etcd-password", uuid.uuid4().hex)
     cert_only = EtcdAccess(str(ca.cert), str(client_cert.cert), str(client_cert.key))
     access = EtcdAccess(
         str(ca.cert), str(client_cert.cert), str(client_cert.key), "root", str(password)
     )
+    agents = EtcdAccess(str(ca.cert), str(agent_cert.cert), str(agent_cert.key))
     with TlsEtcd(ca.server("etcd"), ca.cert) as server:
         endpoint = server.endpoint
-        asyncio.run(_enable_auth(endpoint, cert_only, password.read_text().strip()))
-        # Plaintext, no client certificate, or no user: etcd refuses each.
+        asyncio.run(_enable_auth(endpoint, cert_only, password.read_text().strip(), "ep-agent"))
+        # Plaintext, no client certificate, a certificate naming no user, or a
+        # wrong password: etcd refuses each.
         assert asyncio.run(_try_put(endpoint, None)) != "ok"
         assert asyncio.run(_try_put(endpoint, EtcdAccess(ca_file=str(ca.cert)))) != "ok"
+        assert asyncio.run(_try_put(endpoint, cert_only)) != "ok"
         wrong = write_token(tmp_path / "wrong", "wrong")
         refused = EtcdAccess(
             str(ca.cert), str(client_cert.cert), str(client_cert.key), "root", str(wrong)
         )
         assert asyncio.run(_try_put(endpoint, refused)) != "ok"
         assert asyncio.run(_try_put(endpoint, access)) == "ok"
+        assert asyncio.run(_try_put(endpoint, agents)) == "ok"
 
         etcd_args = (
             "--etcd-ca-file", str(ca.cert),
@@ -471,7 +487,7 @@ def test_coordinator_and_agents_reach_etcd_over_tls_as_an_etcd_user(
         )  # fmt: skip
         with thread_cluster(
             tmp_path, endpoint, cluster_name, WORLD, *etcd_args,
-            agent_options=lambda rank: {"etcd_access": access},
+            agent_options=lambda rank: {"etcd_access": agents},
         ) as (coord, ranks):  # fmt: skip
             assert coord.status().members == list(range(WORLD))
             # The leases and the record live in the TLS etcd: a rank that
