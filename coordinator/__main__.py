@@ -16,6 +16,7 @@ import yaml
 
 from coordinator.config import ConfigError, CoordinatorConfig, load_config
 from coordinator.logs import configure_logging, fields
+from coordinator.security import ServerSecrets, load_server_secrets
 from coordinator.systemd_notify import SystemdNotifier
 
 log = logging.getLogger("ep-coordinator")
@@ -103,6 +104,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", help=_default("log_level"))
     p.add_argument("--log-format", choices=("text", "json"), help=_default("log_format"))
+    tls = p.add_argument_group(
+        "transport security (deploy/README.md: TLS, mutual TLS, the admin credential)"
+    )
+    tls.add_argument("--tls-cert-file", metavar="PEM", help="serve TLS with this certificate chain")
+    tls.add_argument("--tls-key-file", metavar="PEM", help="the private key of --tls-cert-file")
+    tls.add_argument(
+        "--tls-client-ca-file",
+        metavar="PEM",
+        help="mutual TLS: every client must present a certificate from this CA bundle",
+    )
+    tls.add_argument(
+        "--insecure-listen",
+        action=argparse.BooleanOptionalAction,
+        help="serve without TLS on a non-loopback --listen address, on purpose (default: no)",
+    )
+    tls.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="mutating admin calls need this bearer token (`authorization: Bearer ...`)",
+    )
+    tls.add_argument(
+        "--admin-identities",
+        metavar="NAME[,NAME...]",
+        help="mutual TLS: client certificates (CN or SAN) allowed mutating admin calls",
+    )
+    tls.add_argument("--etcd-ca-file", metavar="PEM", help="verify etcd with this CA (TLS)")
+    tls.add_argument("--etcd-cert-file", metavar="PEM", help="client certificate for etcd (TLS)")
+    tls.add_argument("--etcd-key-file", metavar="PEM", help="the private key of --etcd-cert-file")
+    tls.add_argument("--etcd-username", help="etcd user, when etcd's authentication is on")
+    tls.add_argument(
+        "--etcd-password-file", metavar="FILE", help="file holding --etcd-username's password"
+    )
     return p
 
 
@@ -127,6 +160,9 @@ def check_config(argv: list[str]) -> int:
     args = build_check_parser().parse_args(argv)
     try:
         config, sources = load_config(args.file, os.environ)
+        # The files it names too: a certificate that does not match its key
+        # would otherwise fail every handshake of a daemon that started fine.
+        load_server_secrets(config, sources, args.file)
     except ConfigError as err:
         return _refuse(err)
     values = config.model_dump(mode="json")
@@ -152,11 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         if name in CoordinatorConfig.model_fields and value is not None
     }
     try:
-        config, _ = load_config(args.config, os.environ, flags)
+        config, sources = load_config(args.config, os.environ, flags)
     except ConfigError as err:
         return _refuse(err)
     configure_logging(config.log_level, config.log_format)
-    return asyncio.run(_run(config, args.ready_file))
+    try:
+        secrets = load_server_secrets(config, sources, args.config)
+    except ConfigError as err:
+        return _refuse(err)
+    return asyncio.run(_run(config, args.ready_file, secrets))
 
 
 # Leadership was lost (a fenced write refused, or the leader lease expired):
@@ -175,7 +215,7 @@ def _write_ready_file(path: Path, values: dict[str, object]) -> None:
     tmp.replace(path)
 
 
-async def _run(config: CoordinatorConfig, ready_file: Path | None) -> int:
+async def _run(config: CoordinatorConfig, ready_file: Path | None, secrets: ServerSecrets) -> int:
     import aetcd.exceptions
 
     from coordinator import state_machine as sm
@@ -214,7 +254,7 @@ async def _run(config: CoordinatorConfig, ready_file: Path | None) -> int:
         machine = coordinator.machine
         notifier.ready(status_line(machine.phase, machine.epoch))
 
-    task = asyncio.create_task(serve(config, on_ready, on_standby))
+    task = asyncio.create_task(serve(config, on_ready, on_standby, secrets))
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:

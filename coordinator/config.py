@@ -10,13 +10,22 @@ whose lines name where a bad value came from, the field and the problem.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from coordinator.state_machine import Phase
 
@@ -26,6 +35,26 @@ _HOST_PORT = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"
 def split_host_port(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface only. A host
+    name other than `localhost` may resolve anywhere, so it is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _field_error(name: str, message: str, *related: str) -> PydanticCustomError:
+    """A problem of several fields together, named after field `name`; its
+    source is where `name` was set, else where the first of `related` was
+    (see `_describe`)."""
+    return PydanticCustomError(
+        "field_combination", message, {"field": name, "related": ",".join(related)}
+    )
 
 
 class CoordinatorConfig(BaseModel):
@@ -73,6 +102,101 @@ class CoordinatorConfig(BaseModel):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    # --- transport security (coordinator.security) ---------------------------
+    tls_cert_file: str = Field(
+        default="", description="PEM certificate chain the gRPC port serves; empty: no TLS"
+    )
+    tls_key_file: str = Field(default="", description="PEM private key of tls_cert_file")
+    tls_client_ca_file: str = Field(
+        default="",
+        description="PEM CA bundle client certificates must chain to; set: mutual TLS "
+        "(every client must present a certificate it verifies)",
+    )
+    insecure_listen: bool = Field(
+        default=False,
+        description="serve without TLS on a non-loopback listen address, on purpose",
+    )
+    admin_token_file: str = Field(
+        default="",
+        description="file holding the bearer token mutating admin calls must present",
+    )
+    admin_identities: list[str] = Field(
+        default_factory=list,
+        description="client certificate names (CN or SAN) allowed mutating admin calls "
+        "under mutual TLS",
+    )
+    etcd_ca_file: str = Field(
+        default="", description="PEM CA bundle to verify etcd's certificate; set: TLS to etcd"
+    )
+    etcd_cert_file: str = Field(
+        default="", description="PEM client certificate for etcd; set: TLS to etcd"
+    )
+    etcd_key_file: str = Field(default="", description="PEM private key of etcd_cert_file")
+    etcd_username: str = Field(default="", description="etcd user (etcd auth enabled)")
+    etcd_password_file: str = Field(default="", description="file holding etcd_username's password")
+
+    @field_validator("admin_identities", mode="before")
+    @classmethod
+    def _split_identities(cls, value: object) -> object:
+        # The environment and flags give one string: names separated by commas.
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("admin_identities")
+    @classmethod
+    def _nonempty_identities(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise ValueError("an identity must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _security_fits_together(self) -> CoordinatorConfig:
+        for cert, key in (("tls_cert_file", "tls_key_file"), ("etcd_cert_file", "etcd_key_file")):
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                missing = key if getattr(self, cert) else cert
+                given = cert if missing == key else key
+                raise _field_error(
+                    missing, f"missing: {given} is set, and needs {missing} too", given
+                )
+        if bool(self.etcd_username) != bool(self.etcd_password_file):
+            missing = "etcd_password_file" if self.etcd_username else "etcd_username"
+            raise _field_error(
+                missing,
+                "missing: etcd_username and etcd_password_file go together",
+                "etcd_username" if self.etcd_username else "etcd_password_file",
+            )
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise _field_error(
+                "tls_client_ca_file",
+                "mutual TLS needs TLS: set tls_cert_file and tls_key_file (the server's own "
+                "certificate) too",
+            )
+        if self.admin_identities and not self.tls_client_ca_file:
+            raise _field_error(
+                "admin_identities",
+                "client certificate identities need mutual TLS: set tls_client_ca_file "
+                "(or use admin_token_file)",
+            )
+        host = split_host_port(self.listen)[0]
+        if not self.tls_cert_file and not self.insecure_listen and not is_loopback(host):
+            raise _field_error(
+                "listen",
+                f"{host} is not a loopback address and no TLS is configured: anyone who "
+                "reaches it could act as a rank or an operator. Set tls_cert_file and "
+                "tls_key_file, or insecure_listen: true to serve without TLS on purpose",
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC port serves TLS."""
+        return bool(self.tls_cert_file)
+
+    @property
+    def mutual_tls(self) -> bool:
+        return bool(self.tls_client_ca_file)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -193,6 +317,16 @@ def _describe(exc: ValidationError, sources: Mapping[str, str], path: Path | Non
     for err in exc.errors():
         name = ".".join(str(x) for x in err["loc"]) or "configuration"
         top = str(err["loc"][0]) if err["loc"] else ""
+        if err["type"] == "field_combination":
+            # A problem of several fields together, named after the one to change.
+            ctx = err.get("ctx", {})
+            name = str(ctx.get("field", name))
+            blamed = [name, *filter(None, str(ctx.get("related", "")).split(","))]
+            source = next((sources[f] for f in blamed if f in sources), None) or (
+                str(path) if path is not None else "configuration"
+            )
+            problems.append(f"{source}: invalid {name}: {err['msg']}")
+            continue
         if err["type"] == "extra_forbidden":
             problem = f"unknown key{_did_you_mean(top)}"
         elif err["type"] == "missing":

@@ -73,6 +73,7 @@ class LeaderLease(LeasedKey):
         identity: Mapping[str, Any],
         on_lost: Callable[[], None] | None = None,
         start_timeout_s: float = 10.0,
+        access: etcd_keys.EtcdAccess | None = None,
     ) -> None:
         super().__init__(
             host,
@@ -82,6 +83,7 @@ class LeaderLease(LeasedKey):
             value=identity,
             on_lost=on_lost,
             start_timeout_s=start_timeout_s,
+            access=access,
             log_fields={"cluster": cluster, "id": identity.get("id", "")},
         )
         self.cluster = cluster

@@ -10,10 +10,18 @@ A rank key's value is JSON: rank, incarnation, lease_id, pid, host.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from typing import Any
 
 import aetcd
+import aetcd.exceptions
+import aetcd.rpc
+import aetcd.watcher
+import grpc
+
+from coordinator.security import EtcdAccess
 
 ROOT = "/ep-recovery"
 RANK_DIGITS = 5
@@ -95,6 +103,86 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def new_client(host: str, port: int, *, timeout_s: float | None = None) -> aetcd.Client:
-    """An aetcd client with our channel options. It connects lazily (first call)."""
-    return aetcd.Client(host=host, port=port, timeout=timeout_s, options=dict(CHANNEL_OPTIONS))
+def new_client(
+    host: str, port: int, *, timeout_s: float | None = None, access: EtcdAccess | None = None
+) -> aetcd.Client:
+    """An aetcd client with our channel options, over TLS and/or as an etcd
+    user when `access` says so (it reads its files now: OSError/ValueError
+    when one is unusable). It connects lazily (first call)."""
+    access = access or EtcdAccess()
+    password = access.password()
+    username = access.username or None
+    tls = access.tls
+    kwargs: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "timeout": timeout_s,
+        "options": dict(CHANNEL_OPTIONS),
+        "username": username,
+        "password": password if username else None,
+    }
+    if tls is None:
+        return aetcd.Client(**kwargs)
+    return TlsClient(credentials=tls.credentials(), **kwargs)
+
+
+class TlsClient(aetcd.Client):
+    """aetcd's client over a TLS channel.
+
+    aetcd 1.0 (the newest) opens plaintext channels only, so this connect()
+    opens a secure one and sets up the same stubs as aetcd's own: every other
+    method is aetcd's. tests/test_security.py runs it against a real etcd
+    serving TLS with client certificates and authentication, so a change in
+    aetcd's internals fails a test rather than production.
+    """
+
+    _is_connecting: bool  # aetcd's, set in its __init__
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # another task is connecting: wait for it
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        self._is_connecting = True
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        channel = grpc.aio.secure_channel(
+            f"{host}:{self._port}", self._credentials, options=list(self._options.items())
+        )
+        try:
+            metadata = None
+            if self._username is not None:
+                auth = aetcd.rpc.AuthStub(channel)
+                try:
+                    reply = await auth.Authenticate(
+                        aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password),
+                        timeout=self._timeout,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    # Raised as aetcd's own client calls raise it (its error
+                    # for the code: ConnectionFailedError, AuthFailedError, ...).
+                    aetcd.exceptions._handle_exception(exc)
+                    raise
+                self.auth_stub = auth
+                metadata = (("token", reply.token),)
+            self.channel = channel
+            self.metadata = metadata
+            self.kvstub = aetcd.rpc.KVStub(channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(channel)
+            self.leasestub = aetcd.rpc.LeaseStub(channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(channel)
+            self._watcher = aetcd.watcher.Watcher(
+                aetcd.rpc.WatchStub(channel), timeout=self._timeout, metadata=metadata
+            )
+            self._connected.set()
+        except BaseException:
+            if self.channel is not channel:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+            raise
+        finally:
+            self._is_connecting = False

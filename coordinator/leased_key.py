@@ -7,6 +7,11 @@ the same conclusion on its own: once a refresh says the lease is gone (TTL 0),
 or no refresh has succeeded for a whole TTL, the others may already have acted
 on its absence, so the lease is reported LOST (once) and the holder must stop
 acting on it. A lost lease is never re-granted here.
+
+Short of a loss, the keepalive reports whether etcd answers it: a refresh that
+failed, or went unanswered for UNANSWERED_S, makes `refresh_problem` non-empty
+until one gets through, and `refresh_listeners` hear each change (the
+leader's gRPC health turns NOT_SERVING meanwhile).
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ log = logging.getLogger(__name__)
 # packet does not eat a third of the TTL.
 RETRY_INTERVAL_S = 0.05
 REVOKE_TIMEOUT_S = 2.0
+# A refresh is one small round trip; one that has had no answer this long
+# means etcd is not answering in time. It is reported, not given up on: it
+# may still save the lease until the TTL runs out.
+UNANSWERED_S = 1.0
 
 
 class LeasedKey:
@@ -53,6 +62,7 @@ class LeasedKey:
         on_lost: Callable[[], None] | None = None,
         start_timeout_s: float = 10.0,
         log_fields: Mapping[str, Any] | None = None,
+        access: etcd_keys.EtcdAccess | None = None,
     ) -> None:
         if ttl < 1:
             raise ValueError(f"lease ttl must be at least 1 s, got {ttl}")
@@ -64,6 +74,12 @@ class LeasedKey:
         self._value: dict[str, Any] = dict(value or {})
         self._on_lost = on_lost
         self.start_timeout_s = start_timeout_s
+        self.access = access
+        # Empty while etcd answers the refreshes; else why the last did not
+        # get through. Each listener is called (in the loop) on every change.
+        self.refresh_problem = ""
+        self.refresh_outages = 0  # times the refreshes stopped getting through
+        self.refresh_listeners: list[Callable[[str], None]] = []
         self.lost = asyncio.Event()
         self.lost_reason = ""
         self._client: aetcd.Client | None = None
@@ -105,7 +121,7 @@ class LeasedKey:
         TimeoutError when it does not answer within start_timeout_s."""
         if self._client is not None:
             raise RuntimeError(f"{type(self).__name__} already started")
-        client = etcd_keys.new_client(self.host, self.port)
+        client = etcd_keys.new_client(self.host, self.port, access=self.access)
         self._client = client
         granted_at = time.monotonic()
         try:
@@ -205,7 +221,7 @@ class LeasedKey:
             try:
                 # Bounded by the TTL left: a refresh answered later than that
                 # cannot save the lease anyway.
-                reply = await asyncio.wait_for(client.refresh_lease(lease_id), left)
+                reply = await self._refresh(client, lease_id, left)
                 if reply is None:
                     raise aetcd.ClientError("keepalive stream closed without a reply")
             except Exception as exc:
@@ -223,21 +239,60 @@ class LeasedKey:
                         error=repr(exc),
                     ),
                 )
+                self._report_refresh(f"lease refresh failed: {exc!r}")
                 next_at = time.monotonic() + min(interval, RETRY_INTERVAL_S)
                 continue
             if reply.TTL <= 0:
                 self._declare_lost("etcd says the lease expired (refresh returned TTL 0)")
                 return
-            if failures:
+            if failures or self.refresh_problem:
                 log.info(
                     f"{self.kind} lease refresh recovered",
                     extra=fields(**self._fields, lease_id=lease_id, failures=failures),
                 )
                 failures = 0
+            self._report_refresh("")
             # The lease runs from when etcd handled the refresh, which is no
             # earlier than when we sent it.
             expires_at = sent_at + int(reply.TTL)
             next_at = sent_at + interval
+
+    async def _refresh(self, client: aetcd.Client, lease_id: int, left: float) -> Any:
+        """One refresh, waited for up to `left` seconds; one still unanswered
+        after UNANSWERED_S is reported meanwhile."""
+        refresh = asyncio.ensure_future(client.refresh_lease(lease_id))
+        try:
+            done, _ = await asyncio.wait({refresh}, timeout=min(left, UNANSWERED_S))
+            if done:
+                return refresh.result()
+            if left <= UNANSWERED_S:
+                raise TimeoutError(f"no answer within the {left:.3f} s the lease had left")
+            log.warning(
+                f"{self.kind} lease refresh unanswered",
+                extra=fields(**self._fields, lease_id=lease_id, waited_s=UNANSWERED_S),
+            )
+            self._report_refresh(f"etcd has not answered a lease refresh for {UNANSWERED_S} s")
+            return await asyncio.wait_for(refresh, left - UNANSWERED_S)
+        finally:
+            if not refresh.done():
+                refresh.cancel()
+
+    def _report_refresh(self, problem: str) -> None:
+        """Record whether etcd answers the refreshes ("" when it does); tell
+        the listeners when that changes."""
+        if bool(problem) == bool(self.refresh_problem):
+            if problem:
+                self.refresh_problem = problem
+            return
+        if problem:
+            # Logged where it happened (refresh failed / unanswered).
+            self.refresh_outages += 1
+        self.refresh_problem = problem
+        for listener in list(self.refresh_listeners):
+            try:
+                listener(problem)
+            except Exception:
+                log.exception("refresh listener failed", extra=fields(**self._fields))
 
     def _declare_lost(self, reason: str) -> None:
         if self.lost.is_set() or self._stopping:

@@ -102,6 +102,22 @@ class CoordinatorMetrics:
             registry=r,
         )
         self.epoch = Gauge("epoch", "The current epoch.", namespace=NAMESPACE, registry=r)
+        self.etcd_reachable = Gauge(
+            "etcd_reachable",
+            "1 while etcd answers this coordinator (leader lease refreshes, record writes); "
+            "0 while it does not (gRPC health is NOT_SERVING then).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.etcd_reachable.set(1)
+        self.admin_denied = Counter(
+            "admin_calls_denied",
+            "Mutating admin calls refused for a missing or wrong admin credential, by gRPC "
+            "status code (UNAUTHENTICATED, PERMISSION_DENIED).",
+            ["code"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.phase = Gauge(
             "phase",
             "1 for the current phase, 0 for the others.",
@@ -121,6 +137,8 @@ class CoordinatorMetrics:
             self.refused.labels(code.value)
         for state in RANK_STATES:
             self.ranks.labels(state)
+        for denied in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            self.admin_denied.labels(denied)
 
     # --- fed by the runtime ---------------------------------------------------
 
@@ -138,6 +156,9 @@ class CoordinatorMetrics:
 
     def observe_refused(self, code: str) -> None:
         self.refused.labels(code).inc()
+
+    def observe_admin_denied(self, code: str) -> None:
+        self.admin_denied.labels(code).inc()
 
     def set_state(self, epoch: int, phase: str, rank_states: Iterable[str]) -> None:
         self.epoch.set(epoch)

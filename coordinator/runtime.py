@@ -25,11 +25,12 @@ from collections.abc import Callable
 import aetcd
 import grpc
 import torch.distributed as dist
+from grpc_health.v1 import health as grpc_health
 
-from coordinator import etcd_keys
+from coordinator import etcd_keys, security
 from coordinator import state_machine as sm
 from coordinator.cluster_store import ClusterStore, StaleWrite
-from coordinator.config import CoordinatorConfig, split_host_port
+from coordinator.config import CoordinatorConfig, is_loopback, split_host_port
 from coordinator.election import Deposed, LeaderLease, campaign
 from coordinator.history import History
 from coordinator.logs import fields
@@ -39,6 +40,7 @@ from coordinator.services import (
     SessionChannel,
     Watcher,
     add_services,
+    end_health,
     event_to_proto,
     set_serving,
 )
@@ -54,6 +56,42 @@ METRICS_LOCK_WAIT_S = 1.0
 # A record write that etcd did not take is retried this often until the leader
 # lease would have expired; then this coordinator steps down.
 PERSIST_RETRY_S = 0.1
+# The sources of EtcdReachability.
+RECORD_WRITES = "cluster record writes"
+LEADER_REFRESHES = "leader lease refreshes"
+
+
+class EtcdReachability:
+    """Whether etcd answers this coordinator. Each source (the leader lease's
+    refreshes, the cluster record's writes) reports its last outcome; etcd is
+    reachable while none of them is failing. `changed` is set on each change
+    (the gRPC health follows it)."""
+
+    def __init__(self) -> None:
+        self._failing: dict[str, str] = {}
+        self.changed = asyncio.Event()
+
+    @property
+    def reachable(self) -> bool:
+        return not self._failing
+
+    @property
+    def problems(self) -> dict[str, str]:
+        return dict(self._failing)
+
+    def report(self, source: str, problem: str = "") -> None:
+        """`problem` empty: the source's last etcd call got through."""
+        was = self.reachable
+        if problem:
+            self._failing[source] = problem
+        else:
+            self._failing.pop(source, None)
+        if self.reachable != was:
+            if self.reachable:
+                log.info("etcd reachable again", extra=fields(source=source))
+            else:
+                log.warning("etcd unreachable", extra=fields(source=source, problem=problem))
+            self.changed.set()
 
 
 class Coordinator:
@@ -80,6 +118,8 @@ class Coordinator:
         self.listen_port = 0
         self.metrics_port = 0  # 0 while metrics are not served
         self.metrics = CoordinatorMetrics()
+        self.etcd_access = security.etcd_access(config)
+        self.etcd_reachability = EtcdReachability()
         self._events: asyncio.Queue[sm.Event] = asyncio.Queue()
         self._etcd: aetcd.Client | None = None
         self._cluster_store: ClusterStore | None = None
@@ -102,7 +142,7 @@ class Coordinator:
 
     async def start(self) -> None:
         host, port = split_host_port(self.config.etcd)
-        self._etcd = etcd_keys.new_client(host, port)
+        self._etcd = etcd_keys.new_client(host, port, access=self.etcd_access)
         await self._etcd.connect()
         self._cluster_store = ClusterStore(self._etcd, self.config.cluster)
         # The rendezvous store lives here, never on a rank: a dead store host
@@ -167,6 +207,12 @@ class Coordinator:
         if self._etcd is not None:
             await self._etcd.close()
         self._store = None
+
+    async def key_lease(self, rank: int) -> int:
+        """The lease that holds `rank`'s key in etcd (0: no key), read now."""
+        assert self._etcd is not None
+        got = await self._etcd.get(etcd_keys.rank_key(self.config.cluster, rank))
+        return int(got.lease) if got is not None else 0
 
     # --- events in ------------------------------------------------------------
 
@@ -252,11 +298,13 @@ class Coordinator:
                     self._cluster_store.save(raw, extra_compares=fence),
                     max(0.0, give_up_at - time.monotonic()),
                 )
+                self.etcd_reachability.report(RECORD_WRITES)
                 return
             except StaleWrite as exc:
                 raise Deposed(f"fenced write refused: {exc}") from exc
             except (TimeoutError, aetcd.ClientError) as exc:
                 failures += 1
+                self.etcd_reachability.report(RECORD_WRITES, f"record write failed: {exc!r}")
                 if time.monotonic() >= give_up_at:
                     raise Deposed(
                         f"etcd took no write of the cluster record for "
@@ -443,18 +491,28 @@ async def serve(
     config: CoordinatorConfig,
     on_ready: Callable[[Coordinator], None] | None = None,
     on_standby: Callable[[dict[str, object]], None] | None = None,
+    secrets: security.ServerSecrets | None = None,
 ) -> None:
     """Run the daemon until cancelled: stand by while another coordinator
     leads, then lead. `on_standby` is called with the leader's key value each
     time a new leader is seen, `on_ready` once this one leads and serves.
-    Raises Deposed when leadership is lost."""
+    `secrets`: what the configuration's files hold (read here when None;
+    ConfigError when one is unusable). Raises Deposed when leadership is lost."""
+    if secrets is None:
+        secrets = security.load_server_secrets(config)
     host, port = split_host_port(config.etcd)
+    access = security.etcd_access(config)
     identity = {"id": uuid.uuid4().hex[:12], "pid": os.getpid(), "host": socket.gethostname()}
-    watcher = etcd_keys.new_client(host, port)
+    watcher = etcd_keys.new_client(host, port, access=access)
     try:
         leader = await campaign(
             lambda: LeaderLease(
-                host, port, config.cluster, ttl=config.leader_ttl_s, identity=identity
+                host,
+                port,
+                config.cluster,
+                ttl=config.leader_ttl_s,
+                identity=identity,
+                access=access,
             ),
             watcher,
             on_standby=on_standby,
@@ -467,34 +525,109 @@ async def serve(
         extra=fields(cluster=config.cluster, id=identity["id"], fence=leader.fence_revision),
     )
     try:
-        await _lead(config, leader, on_ready)
+        await _lead(config, leader, on_ready, secrets)
     finally:
         await leader.stop()  # revoked: a standby takes over now, not a TTL later
+
+
+def _bind(
+    server: grpc.aio.Server, config: CoordinatorConfig, secrets: security.ServerSecrets
+) -> int:
+    """Listen on `config.listen`, over TLS when configured; the bound port."""
+    credentials = secrets.server_credentials()
+    try:
+        if credentials is not None:
+            bound = server.add_secure_port(config.listen, credentials)
+        else:
+            bound = server.add_insecure_port(config.listen)
+    except RuntimeError:  # grpcio >= 1.5x raises where older ones returned 0
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    if credentials is None:
+        # Loopback only, unless insecure_listen said so (coordinator.config).
+        log.warning(
+            "serving without TLS",
+            extra=fields(listen=config.listen, insecure_listen=config.insecure_listen),
+        )
+    admin = []
+    if secrets.admin_token:
+        admin.append("bearer token")
+    if secrets.admin_identities:
+        admin.append("client certificate (" + ",".join(sorted(secrets.admin_identities)) + ")")
+    log.info(
+        "transport security",
+        extra=fields(
+            tls=credentials is not None,
+            mutual_tls=bool(secrets.client_ca),
+            admin_credential=" or ".join(admin) or "none",
+        ),
+    )
+    if not admin and not is_loopback(split_host_port(config.listen)[0]):
+        log.warning(
+            "mutating admin calls are open to every client that reaches the port; "
+            "set admin_token_file or admin_identities",
+            extra=fields(listen=config.listen),
+        )
+    return bound
+
+
+async def _follow_etcd(
+    health: grpc_health.aio.HealthServicer,
+    reachability: EtcdReachability,
+    metrics: CoordinatorMetrics,
+) -> None:
+    """Keep the gRPC health (and the etcd_reachable gauge) in step with
+    whether etcd answers: NOT_SERVING while it does not."""
+    serving: bool | None = None
+    while True:
+        reachability.changed.clear()
+        now = reachability.reachable
+        if now != serving:
+            serving = now
+            await set_serving(health, now)
+            metrics.etcd_reachable.set(1 if now else 0)
+            log.info(
+                "health",
+                extra=fields(
+                    status="SERVING" if now else "NOT_SERVING", etcd=reachability.problems
+                ),
+            )
+        await reachability.changed.wait()
 
 
 async def _lead(
     config: CoordinatorConfig,
     leader: LeaderLease,
     on_ready: Callable[[Coordinator], None] | None,
+    secrets: security.ServerSecrets,
 ) -> None:
     coordinator = Coordinator(config, leader)
     await coordinator.start()
-    server = grpc.aio.server()
+    admin_auth = secrets.admin_auth()
+    if admin_auth is not None:
+        admin_auth.on_denied = lambda code: coordinator.metrics.observe_admin_denied(code.name)
+    server = grpc.aio.server(interceptors=[admin_auth] if admin_auth is not None else [])
     health = add_services(server, coordinator)
     try:
-        bound = server.add_insecure_port(config.listen)
-    except RuntimeError:  # grpcio >= 1.5x raises where older ones returned 0
-        bound = 0
-    if bound == 0:
+        bound = _bind(server, config, secrets)
+    except OSError:
         await coordinator.stop()
-        raise OSError(f"cannot listen on {config.listen}")
+        raise
     # Serving from the first RPC on: etcd answered in start(), and this
-    # coordinator leads.
+    # coordinator leads. From then on health follows etcd's answers.
     await set_serving(health, True)
+    reachability = coordinator.etcd_reachability
+    leader.refresh_listeners.append(lambda problem: reachability.report(LEADER_REFRESHES, problem))
+    if leader.refresh_problem:
+        reachability.report(LEADER_REFRESHES, leader.refresh_problem)
     await server.start()
     coordinator.listen_port = bound
     log.info("serving", extra=fields(listen=config.listen, port=bound))
     metrics_server: asyncio.Server | None = None
+    follow = asyncio.create_task(
+        _follow_etcd(health, reachability, coordinator.metrics), name="health"
+    )
     try:
         if config.metrics_listen:
             try:
@@ -524,8 +657,11 @@ async def _lead(
         if coordinator.deposed.is_set():
             raise Deposed(coordinator.deposed_reason)
     finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
         # Health watchers (load balancers) hear NOT_SERVING before the server goes.
-        await set_serving(health, False)
+        await end_health(health)
         # Watch streams end now rather than at the server's grace deadline.
         coordinator.end_watches()
         if metrics_server is not None:

@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, cast
 
+import aetcd
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0
+# How long a hello waits for etcd to say which lease holds its rank's key.
+LEASE_READ_TIMEOUT_S = 5.0
 # Events a WatchEvents stream may fall behind by before it is cut off.
 WATCH_BACKLOG = 1024
 
@@ -139,6 +142,16 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             )
             return
         hello = first.hello
+        try:
+            key_lease = await self._key_lease(hello)
+        except (TimeoutError, aetcd.ClientError) as exc:
+            # Retried by the agent (UNAVAILABLE is not a refusal).
+            self.coordinator.metrics.observe_refused(grpc.StatusCode.UNAVAILABLE.name)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot check rank {hello.rank}'s lease in etcd now: {exc!r}",
+            )
+            return
         session = uuid.uuid4().hex
         channel_rank = hello.rank
         channel = SessionChannel(channel_rank)
@@ -154,6 +167,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 fingerprint=hello.fingerprint,
                 rejoin=hello.rejoin,
                 placement=placement,
+                key_lease=key_lease,
             )
         )
         reader = asyncio.create_task(self._read(context, hello.rank, session, channel))
@@ -178,6 +192,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             if accepted:
                 self.coordinator.submit(sm.SessionClosed(hello.rank, session))
                 log.info("session closed", extra=fields(rank=hello.rank, session=session[:8]))
+
+    async def _key_lease(self, hello: worker_pb2.Hello) -> int:
+        """The lease that holds the hello's rank key in etcd now (0: no key);
+        the state machine accepts the hello only when it is the hello's own.
+        A hello the machine refuses for its cluster or rank is not looked up."""
+        config = self.coordinator.config
+        if hello.cluster != config.cluster or not 0 <= hello.rank < config.world_size:
+            return 0
+        return await asyncio.wait_for(self.coordinator.key_lease(hello.rank), LEASE_READ_TIMEOUT_S)
 
     def _to_proto(self, action: sm.Action, session: str) -> worker_pb2.CoordinatorMessage:
         match action:
@@ -590,11 +613,18 @@ def add_services(server: grpc.aio.Server, coordinator: Coordinator) -> health.ai
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
-    """Health of the whole server ("") and of each service. SERVING while this
-    coordinator is the leader and has reached etcd; NOT_SERVING from shutdown on
-    (for good: the servicer ignores later changes once it is shutting down)."""
-    if not serving:
-        await health_servicer.enter_graceful_shutdown()
-        return
+    """Health of the whole server ("") and of each service: SERVING while this
+    coordinator leads and etcd answers it, NOT_SERVING while etcd does not
+    (the runtime calls this on each change)."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, status)
+
+
+async def end_health(health_servicer: health.aio.HealthServicer) -> None:
+    """NOT_SERVING from shutdown on, for good: the servicer ignores later changes."""
+    await health_servicer.enter_graceful_shutdown()

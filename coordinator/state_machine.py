@@ -132,6 +132,7 @@ class Code(StrEnum):
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     ALREADY_EXISTS = "ALREADY_EXISTS"
     NOT_FOUND = "NOT_FOUND"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class Role(StrEnum):
@@ -157,6 +158,11 @@ class RankRegistered:
     fingerprint: str
     rejoin: bool
     placement: Placement | None = None
+    # The lease that holds the rank's key in etcd, as the service read it when
+    # the hello came (0: no key). A hello is accepted only when it is the
+    # hello's own `lease_id`: a session speaks for the process whose lease
+    # says the rank is alive, never for another rank's.
+    key_lease: int = 0
 
 
 @dataclass(frozen=True)
@@ -861,16 +867,37 @@ class RecoveryStateMachine:
                 f"rank {ev.rank} was drained from cluster {self.cluster!r}; it stays out "
                 "until an operator admits it (relaunch it with --rejoin, then Admit)",
             )
-        if view and not view.failed and view.incarnation == ev.incarnation:
-            # The same process reconnecting (its session broke): adopt the new one.
-            return self._reattach(ev, view)
-        if view and view.session is not None and not view.failed:
+        if (
+            view
+            and view.session is not None
+            and not view.failed
+            and view.incarnation != ev.incarnation
+        ):
             return self._refuse_hello(
                 ev,
                 Code.ALREADY_EXISTS,
                 f"rank {ev.rank} is already registered and live "
                 f"(incarnation {view.incarnation}); a second process cannot take its place",
             )
+        # Every way in from here accepts the hello: it must come from the
+        # holder of the rank's lease.
+        if not ev.key_lease:
+            return self._refuse_hello(
+                ev,
+                Code.FAILED_PRECONDITION,
+                f"rank {ev.rank} has no key in etcd: a rank takes its lease before its "
+                "session (expired or revoked: relaunch the rank)",
+            )
+        if ev.key_lease != ev.lease_id:
+            return self._refuse_hello(
+                ev,
+                Code.PERMISSION_DENIED,
+                f"lease {ev.lease_id:x} does not hold rank {ev.rank}'s key (lease "
+                f"{ev.key_lease:x} does): a session speaks only for its own rank's lease",
+            )
+        if view and not view.failed and view.incarnation == ev.incarnation:
+            # The same process reconnecting (its session broke): adopt the new one.
+            return self._reattach(ev, view)
         if not self.members:
             return self._register_founder(ev)
         if not ev.rejoin:

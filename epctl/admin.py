@@ -2,26 +2,36 @@
 
 Every command returns an exit code (epctl/exits.py): 0 done, 1 failed, 2 bad
 request, 3 coordinator unreachable, 4 not found, 5 refused by the cluster's
-state. Errors go to stderr as `epctl CMD: CODE: details`.
+state, 6 not allowed (no or a wrong admin credential). Errors go to stderr as
+`epctl CMD: CODE: details`.
+
+Every command connects the same way (`Target`): over TLS with `--ca` (and
+`--cert`/`--key` under mutual TLS), sending the admin bearer token of
+`--token-file` with every call; each flag has an EPCTL_* variable.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, NamedTuple, TextIO, TypeVar
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from coordinator.config import is_loopback, split_host_port
+from coordinator.security import ClientTls, SecretFileError, read_token
 from epctl.exits import (
+    EXIT_DENIED,
     EXIT_FAILED,
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -33,6 +43,10 @@ from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 ENDPOINT_ENV = "EPCTL_ENDPOINT"
+CA_ENV = "EPCTL_CA"
+CERT_ENV = "EPCTL_CERT"
+KEY_ENV = "EPCTL_KEY"
+TOKEN_FILE_ENV = "EPCTL_TOKEN_FILE"
 # How long one unary call may take: mutating calls wait for an etcd write.
 CALL_TIMEOUT_S = 15.0
 
@@ -42,6 +56,8 @@ EXIT_OF_CODE = {
     grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED,
     grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
 }
 
 T = TypeVar("T")
@@ -91,6 +107,112 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help="the coordinator's YAML file, for its address"
     )
+    parser.add_argument(
+        "--ca",
+        metavar="PEM",
+        help=f"connect over TLS, verifying the coordinator with this CA bundle (${CA_ENV})",
+    )
+    parser.add_argument(
+        "--cert", metavar="PEM", help=f"client certificate, for mutual TLS (${CERT_ENV})"
+    )
+    parser.add_argument("--key", metavar="PEM", help=f"the private key of --cert (${KEY_ENV})")
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"send the admin bearer token this file holds (${TOKEN_FILE_ENV})",
+    )
+
+
+class _CallDetails(NamedTuple):
+    """grpc.ClientCallDetails with other metadata (grpc's own is private)."""
+
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _WithMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds fixed metadata (the bearer token) to every call of a channel."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self._pairs = pairs
+
+    def _details(self, details: Any) -> _CallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), *self._pairs],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to reach the coordinator."""
+
+    endpoint: str
+    tls: ClientTls = field(default_factory=ClientTls)
+    token: str = ""
+
+    def channel(self) -> grpc.Channel:
+        """A channel over TLS when a CA or certificate is given, plaintext
+        otherwise; every call on it carries the bearer token, if any."""
+        if self.tls.enabled:
+            try:
+                channel = grpc.secure_channel(self.endpoint, self.tls.credentials())
+            except SecretFileError as exc:
+                raise UsageError(str(exc)) from exc
+        else:
+            channel = grpc.insecure_channel(self.endpoint)
+        if self.token:
+            channel = grpc.intercept_channel(
+                channel, _WithMetadata([("authorization", f"Bearer {self.token}")])
+            )
+        return channel
+
+    @contextlib.contextmanager
+    def stub(self) -> Iterator[admin_pb2_grpc.AdminServiceStub]:
+        with self.channel() as channel:
+            yield admin_pb2_grpc.AdminServiceStub(channel)
+
+
+def target_of(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Target:
+    """The endpoint (resolve_endpoint), TLS files and token from the flags,
+    else the EPCTL_* variables. UsageError for an unreadable token file."""
+    env = os.environ if environ is None else environ
+    endpoint = resolve_endpoint(args.endpoint, args.config, env)
+    tls = ClientTls(
+        ca_file=args.ca or env.get(CA_ENV, ""),
+        cert_file=args.cert or env.get(CERT_ENV, ""),
+        key_file=args.key or env.get(KEY_ENV, ""),
+    )
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise UsageError("--cert and --key go together (or EPCTL_CERT and EPCTL_KEY)")
+    token_file = args.token_file or env.get(TOKEN_FILE_ENV, "")
+    token = ""
+    if token_file:
+        try:
+            token = read_token(token_file)
+        except SecretFileError as exc:
+            raise UsageError(f"--token-file: {exc}") from exc
+        host = split_host_port(endpoint)[0] if ":" in endpoint else endpoint
+        if not tls.enabled and not is_loopback(host):
+            sys.stderr.write(
+                f"epctl: warning: sending the admin token to {endpoint} without TLS "
+                "(give --ca to use TLS)\n"
+            )
+    return Target(endpoint, tls, token)
 
 
 def endpoint_of(args: argparse.Namespace) -> str:
@@ -98,16 +220,15 @@ def endpoint_of(args: argparse.Namespace) -> str:
 
 
 def call(
-    command: str, endpoint: str, fn: Callable[[admin_pb2_grpc.AdminServiceStub], T]
+    command: str, target: Target, fn: Callable[[admin_pb2_grpc.AdminServiceStub], T]
 ) -> tuple[T | None, int]:
     """Run `fn` with a stub; (its result, EXIT_OK) or (None, the exit code of
     the error, which is reported on stderr)."""
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
+    with target.stub() as stub:
         try:
             return fn(stub), EXIT_OK
         except grpc.RpcError as exc:
-            return None, report_error(command, endpoint, exc)
+            return None, report_error(command, target.endpoint, exc)
 
 
 def report_error(command: str, endpoint: str, exc: grpc.RpcError) -> int:
@@ -115,6 +236,9 @@ def report_error(command: str, endpoint: str, exc: grpc.RpcError) -> int:
     details = exc.details() or ""
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         details = f"coordinator at {endpoint}: {details}"
+        lowered = details.lower()
+        if any(word in lowered for word in ("ssl", "tls", "handshake", "certificate")):
+            details += " (a TLS problem: check --ca, and --cert/--key under mutual TLS)"
     sys.stderr.write(f"epctl {command}: {code.name}: {details}\n")
     return EXIT_OF_CODE.get(code, EXIT_FAILED)
 
@@ -145,7 +269,7 @@ def ranks_text(ranks: Any) -> str:
 def mutate(args: argparse.Namespace) -> int:
     """abort, auto-rejoin, drain and admit: one AdminReply each."""
     request_id = args.request_id or uuid.uuid4().hex
-    endpoint = endpoint_of(args)
+    target = target_of(args)
 
     def send(stub: admin_pb2_grpc.AdminServiceStub) -> admin_pb2.AdminReply:
         match args.command:
@@ -175,12 +299,12 @@ def mutate(args: argparse.Namespace) -> int:
                 )
         raise AssertionError(f"not a mutating command: {args.command}")
 
-    reply, code = call(args.command, endpoint, send)
+    reply, code = call(args.command, target, send)
     if reply is None:
         return code
     outcome: admin_pb2.OperationSummary | None = None
     if getattr(args, "wait", False) and reply.op_id:
-        outcome, code = wait_for_operation(args.command, endpoint, reply.op_id, args.wait_timeout)
+        outcome, code = wait_for_operation(args.command, target, reply.op_id, args.wait_timeout)
         if outcome is None:
             return code
     if args.output == "json":
@@ -205,20 +329,19 @@ def mutate(args: argparse.Namespace) -> int:
 
 
 def wait_for_operation(
-    command: str, endpoint: str, op_id: str, timeout_s: float
+    command: str, target: Target, op_id: str, timeout_s: float
 ) -> tuple[admin_pb2.OperationSummary | None, int]:
     """Poll GetOperation until the operation has ended (its summary), or the
     deadline passes (EXIT_FAILED)."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
+    with target.stub() as stub:
         while True:
             try:
                 detail = stub.GetOperation(
                     admin_pb2.GetOperationRequest(op_id=op_id), timeout=CALL_TIMEOUT_S
                 )
             except grpc.RpcError as exc:
-                return None, report_error(command, endpoint, exc)
+                return None, report_error(command, target.endpoint, exc)
             if detail.summary.outcome != "running":
                 return detail.summary, EXIT_OK
             if time.monotonic() > deadline:
@@ -236,7 +359,7 @@ def wait_for_operation(
 def list_operations(args: argparse.Namespace) -> int:
     reply, code = call(
         "ops",
-        endpoint_of(args),
+        target_of(args),
         lambda stub: stub.ListOperations(
             admin_pb2.ListOperationsRequest(limit=args.limit), timeout=CALL_TIMEOUT_S
         ),
@@ -273,7 +396,7 @@ def timeline(args: argparse.Namespace) -> int:
 
     detail, code = call(
         "timeline",
-        endpoint_of(args),
+        target_of(args),
         lambda stub: stub.GetOperation(
             admin_pb2.GetOperationRequest(op_id=args.op_id), timeout=CALL_TIMEOUT_S
         ),
@@ -334,10 +457,10 @@ def watch(args: argparse.Namespace) -> int:
     """Print events as they come: the snapshot, then one line each. Ends after
     --count events, after --timeout seconds (both exit 0), or when the
     coordinator ends the stream (exit 3)."""
-    endpoint = endpoint_of(args)
+    target = target_of(args)
+    endpoint = target.endpoint
     seen = 0
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
+    with target.stub() as stub:
         stream = stub.WatchEvents(admin_pb2.WatchEventsRequest(), timeout=args.timeout)
         try:
             for event in stream:

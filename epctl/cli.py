@@ -9,6 +9,7 @@ from pathlib import Path
 
 import bench.cli
 from epctl.exits import (
+    EXIT_DENIED,
     EXIT_FAILED,
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -18,6 +19,7 @@ from epctl.exits import (
 )
 
 __all__ = [
+    "EXIT_DENIED",
     "EXIT_FAILED",
     "EXIT_NOT_FOUND",
     "EXIT_OK",
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="epctl",
         description=__doc__,
         epilog="exit codes: 0 done, 1 failed, 2 bad usage or request, 3 coordinator "
-        "unreachable, 4 not found, 5 refused by the cluster's state",
+        "unreachable, 4 not found, 5 refused by the cluster's state, 6 not allowed (no or "
+        "a wrong admin credential)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -225,17 +228,15 @@ def _status(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from epctl.admin import endpoint_of
-    from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+    from epctl.admin import report_error, target_of
+    from protos.ep_recovery.v1 import admin_pb2, common_pb2
 
-    endpoint = endpoint_of(args)
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
+    target = target_of(args)
+    with target.stub() as stub:
         try:
             status = stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
         except grpc.RpcError as exc:
-            sys.stderr.write(f"epctl: cannot reach coordinator at {endpoint}: {exc.code().name}\n")
-            return EXIT_UNAVAILABLE
+            return report_error("status", target.endpoint, exc)
     if args.output == "json":
         sys.stdout.write(json.dumps(MessageToDict(status)) + "\n")
         return EXIT_OK

@@ -26,6 +26,8 @@ from worker_agent.agent import (
     AgentConfig,
     AgentDrained,
     AgentStopped,
+    ClientTls,
+    EtcdAccess,
     RegistrationRefused,
     WorkerAgent,
 )
@@ -67,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq", type=int, default=64, help="KV-cache positions (static step)")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the CUDA step eagerly")
     p.add_argument("--log-level", default="INFO")
+    # Transport security (deploy/README.md); empty: plaintext, no etcd user.
+    p.add_argument("--tls-ca", default="", help="CA bundle that verifies the coordinator (TLS)")
+    p.add_argument("--tls-cert", default="", help="this rank's certificate (mutual TLS)")
+    p.add_argument("--tls-key", default="", help="the private key of --tls-cert")
+    p.add_argument("--etcd-ca", default="", help="CA bundle that verifies etcd (TLS)")
+    p.add_argument("--etcd-cert", default="", help="client certificate for etcd (TLS)")
+    p.add_argument("--etcd-key", default="", help="the private key of --etcd-cert")
+    p.add_argument("--etcd-user", default="", help="etcd user (etcd authentication)")
+    p.add_argument("--etcd-password-file", default="", help="file holding --etcd-user's password")
     return p
 
 
@@ -135,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             etcd=args.etcd,
             rejoin=args.rejoin,
             lease_ttl_s=args.lease_ttl,
+            tls=ClientTls(args.tls_ca, args.tls_cert, args.tls_key),
+            etcd_access=EtcdAccess(
+                args.etcd_ca, args.etcd_cert, args.etcd_key, args.etcd_user, args.etcd_password_file
+            ),
         ),
         adapter,
     )

@@ -8,6 +8,7 @@ hold. The adapter records every call, so tests can assert what each rank did.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -17,14 +18,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
 import torch.distributed as dist
 
+from coordinator import etcd_keys
+from coordinator.security import ClientTls
+from epctl.admin import Target
 from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from protos.types import Placement
 from worker_agent.adapter import GroupSpec, StepAborted
@@ -35,6 +40,7 @@ from worker_agent.groups import (
     release_in_background,
     wait_work,
 )
+from worker_agent.lease import RankLease
 
 SLOTS_PER_RANK = 2
 LAYERS = 2
@@ -153,8 +159,10 @@ class ThreadRank:
         etcd: str,
         cluster: str,
         rejoin: bool = False,
+        agent_options: Mapping[str, Any] | None = None,
         **adapter_kwargs: object,
     ) -> None:
+        """`agent_options`: more AgentConfig fields (tls, etcd_access, ...)."""
         self.adapter = RecordingAdapter(
             rank,
             world_size,
@@ -163,7 +171,12 @@ class ThreadRank:
         )
         self.agent = WorkerAgent(
             AgentConfig(
-                cluster=cluster, rank=rank, coordinator=coordinator, etcd=etcd, rejoin=rejoin
+                cluster=cluster,
+                rank=rank,
+                coordinator=coordinator,
+                etcd=etcd,
+                rejoin=rejoin,
+                **(agent_options or {}),
             ),
             self.adapter,
         )
@@ -220,7 +233,9 @@ def coordinator_env(**overrides: str) -> dict[str, str]:
 
 class CoordinatorProcess:
     """An `ep-coordinator` process. It must lead within 30 s, or with
-    `standby=True` stand by (then `wait_leader()` once it should lead)."""
+    `standby=True` stand by (then `wait_leader()` once it should lead).
+    `tls` and `token`: how `admin` connects (a coordinator started with TLS
+    flags in `extra`)."""
 
     def __init__(
         self,
@@ -230,7 +245,11 @@ class CoordinatorProcess:
         etcd: str,
         *extra: str,
         standby: bool = False,
+        tls: ClientTls | None = None,
+        token: str = "",
     ):
+        self.tls = tls or ClientTls()
+        self.token = token
         self.proxies: dict[int, TcpProxy] = {}
         self.ready_file = workdir / f"{cluster}-coordinator.json"
         self.log = (workdir / f"{cluster}-coordinator.log").open("w")
@@ -265,7 +284,7 @@ class CoordinatorProcess:
     def wait_leader(self, timeout_s: float = 30) -> None:
         info = self._wait_role("leader", timeout_s)
         self.endpoint = f"127.0.0.1:{info['listen_port']}"
-        self._channel = grpc.insecure_channel(self.endpoint)
+        self._channel = Target(self.endpoint, self.tls, self.token).channel()
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def status(self) -> admin_pb2.ClusterStatus:
@@ -349,14 +368,20 @@ def thread_cluster(
     world_size: int,
     *coordinator_args: str,
     proxied: tuple[int, ...] = (),
+    agent_options: Callable[[int], Mapping[str, Any]] | None = None,
+    tls: ClientTls | None = None,
+    token: str = "",
 ) -> Iterator[tuple[CoordinatorProcess, dict[int, ThreadRank]]]:
     """A coordinator process and `world_size` thread ranks; the `proxied` ranks
-    reach the coordinator through a TcpProxy, found in `coord.proxies`."""
+    reach the coordinator through a TcpProxy, found in `coord.proxies`.
+    `agent_options(rank)`: more AgentConfig fields of each rank; `tls` and
+    `token`: how the test's admin stub connects."""
     # A work pending on a departed peer keeps its group's destructor waiting for
     # the group timeout; a short one keeps such waits (and the tests) short.
     coord = CoordinatorProcess(
-        tmp_path, cluster, world_size, etcd, "--group-timeout-s", "5", *coordinator_args
-    )
+        tmp_path, cluster, world_size, etcd, "--group-timeout-s", "5", *coordinator_args,
+        tls=tls, token=token,
+    )  # fmt: skip
     ranks: dict[int, ThreadRank] = {}
     try:
         for rank in range(world_size):
@@ -364,7 +389,10 @@ def thread_cluster(
             if rank in proxied:
                 coord.proxies[rank] = TcpProxy(coord.endpoint)
                 endpoint = coord.proxies[rank].endpoint
-            ranks[rank] = ThreadRank(rank, world_size, endpoint, etcd, cluster).start()
+            options = agent_options(rank) if agent_options is not None else None
+            ranks[rank] = ThreadRank(
+                rank, world_size, endpoint, etcd, cluster, agent_options=options
+            ).start()
         wait_until(lambda: coord.phase() == "steady", 30, "the cluster to form")
         yield coord, ranks
     finally:
@@ -378,6 +406,26 @@ def thread_cluster(
         for proxy in coord.proxies.values():
             proxy.close()
         coord.stop()
+
+
+@contextlib.contextmanager
+def held_lease(etcd: str, cluster: str, rank: int) -> Iterator[int]:
+    """A rank's key on a kept-alive lease, as an agent holds it, for sessions a
+    test drives by hand (the coordinator accepts a hello only from the holder
+    of its rank's lease); yields the lease id."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name=f"lease{rank}", daemon=True)
+    thread.start()
+    lease = RankLease(*etcd_keys.split_endpoint(etcd), cluster, rank)
+    try:
+        asyncio.run_coroutine_threadsafe(lease.start(), loop).result(15)
+        yield lease.lease_id
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(lease.stop(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 def _stop_quietly(rank: ThreadRank) -> None:

@@ -23,6 +23,7 @@ from tests.agent_harness import (
     SLOTS_PER_RANK,
     CoordinatorProcess,
     ThreadRank,
+    held_lease,
     ring_placement,
     thread_cluster,
     wait_until,
@@ -205,27 +206,29 @@ def test_foreign_joiner_and_stale_ack_are_refused_and_change_nothing(
 
         # A matching joiner whose ack names an old epoch and operation: refused in
         # band (the session stays), and the cluster does not move.
-        channel, responses, q = _raw_session(  # type: ignore[misc]
-            coord.endpoint, _hello(cluster_name, 3, rejoin=True)
-        )
-        try:
-            assert next(responses).HasField("welcome")  # type: ignore[call-overload]
-            before = _status_key(coord)
-            q.put(
-                worker_pb2.WorkerMessage(
-                    ack=worker_pb2.Ack(
-                        epoch=1, op_id="old-op", command_id=1, held=worker_pb2.Held(iteration=5)
+        # It holds rank 3's lease, as an agent does.
+        with held_lease(etcd, cluster_name, 3) as lease:
+            channel, responses, q = _raw_session(  # type: ignore[misc]
+                coord.endpoint, _hello(cluster_name, 3, rejoin=True, lease_id=lease)
+            )
+            try:
+                assert next(responses).HasField("welcome")  # type: ignore[call-overload]
+                before = _status_key(coord)
+                q.put(
+                    worker_pb2.WorkerMessage(
+                        ack=worker_pb2.Ack(
+                            epoch=1, op_id="old-op", command_id=1, held=worker_pb2.Held(iteration=5)
+                        )
                     )
                 )
-            )
-            refusal = next(responses)  # type: ignore[call-overload]
-            assert refusal.HasField("refusal"), refusal
-            assert refusal.refusal.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
-            assert "old-op" in refusal.refusal.message and "epoch 1" in refusal.refusal.message
-            assert _status_key(coord) == before
-        finally:
-            q.put(None)
-            channel.close()  # type: ignore[attr-defined]
+                refusal = next(responses)  # type: ignore[call-overload]
+                assert refusal.HasField("refusal"), refusal
+                assert refusal.refusal.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+                assert "old-op" in refusal.refusal.message and "epoch 1" in refusal.refusal.message
+                assert _status_key(coord) == before
+            finally:
+                q.put(None)
+                channel.close()  # type: ignore[attr-defined]
 
 
 def test_survivors_past_the_target_are_retargeted_to_one_cut(

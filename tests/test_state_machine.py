@@ -192,7 +192,10 @@ class Driver:
         fingerprint: str = FP,
         placement: Placement | None = None,
         incarnation: str | None = None,
+        key_lease: int | None = None,
     ) -> list[Action]:
+        """`key_lease`: the lease etcd says holds the rank's key (default: the
+        hello's own, as for a real agent)."""
         self._gen += 1
         session = f"s{rank}.{self._gen}"
         incarnation = incarnation or f"inc{rank}.{self._gen}"
@@ -201,7 +204,15 @@ class Driver:
             placement = stale_placement(self.n) if rejoin else self.placement
         actions = self.handle(
             RankRegistered(
-                rank, session, cluster, incarnation, lease, fingerprint, rejoin, placement
+                rank,
+                session,
+                cluster,
+                incarnation,
+                lease,
+                fingerprint,
+                rejoin,
+                placement,
+                lease if key_lease is None else key_lease,
             )
         )
         if of_type(actions, Accept):
@@ -1160,6 +1171,39 @@ def test_refuses_another_cluster() -> None:
     assert "prod-b" in refusal.message and CLUSTER in refusal.message
 
 
+def test_a_hello_must_come_from_the_holder_of_its_ranks_lease() -> None:
+    d = Driver(3)
+    d.form()
+    d.shrink(d.kill(1), lambda s: 3)
+    before = d.machine.record()
+    # No key at all (the lease expired, or the process never took one).
+    refusal = assert_refused(
+        d, d.register(1, rejoin=True, key_lease=0), Code.FAILED_PRECONDITION,
+        end_session=True, before=before,
+    )  # fmt: skip
+    assert "rank 1 has no key in etcd" in refusal.message
+    # Another rank's lease: the session would speak for a rank it does not hold.
+    refusal = assert_refused(
+        d, d.register(1, rejoin=True, key_lease=d.leases[0]), Code.PERMISSION_DENIED,
+        end_session=True, before=before,
+    )  # fmt: skip
+    assert f"does not hold rank 1's key (lease {d.leases[0]:x} does)" in refusal.message
+    # A live member's own process reconnecting with a lease that is not the
+    # key's: refused as well, and the member keeps its session.
+    session = d.sessions[2]
+    assert_refused(
+        d, d.register(2, incarnation=d.incarnations[2], key_lease=d.leases[0]),
+        Code.PERMISSION_DENIED, end_session=True, before=before,
+    )  # fmt: skip
+    assert d.machine.ranks[2].session == session
+    # A second process for a live rank is told it exists before its lease is looked at.
+    assert_refused(
+        d, d.register(2, key_lease=0), Code.ALREADY_EXISTS, end_session=True, before=before
+    )
+    # The holder of the key's lease gets in.
+    assert of_type(d.register(1, rejoin=True), Accept)
+
+
 def test_refuses_rejoin_before_forming_and_plain_start_after() -> None:
     d = Driver(3)
     before = d.machine.record()
@@ -1189,7 +1233,7 @@ def test_refuses_a_founder_with_another_placement() -> None:
     )
     assert_refused(
         d,
-        d.handle(RankRegistered(2, "x", CLUSTER, "i", 9, FP, False, None)),
+        d.handle(RankRegistered(2, "x", CLUSTER, "i", 9, FP, False, None, key_lease=9)),
         Code.INVALID_ARGUMENT,
         end_session=True,
         before=before,
@@ -1579,7 +1623,7 @@ class ClusterSim(RuleBasedStateMachine):
         self.by_session[session] = proc
         placement = stale_placement(self.n) if rejoin else self.placement
         hello = RankRegistered(
-            rank, session, CLUSTER, incarnation, proc.lease_id, FP, rejoin, placement
+            rank, session, CLUSTER, incarnation, proc.lease_id, FP, rejoin, placement, proc.lease_id
         )
         self.up[session] = deque([hello])
         self.down[session] = deque()
@@ -2096,7 +2140,15 @@ class ClusterSim(RuleBasedStateMachine):
         self.down[old].clear()
         placement = stale_placement(self.n) if p.rejoin else self.placement
         hello = RankRegistered(
-            p.rank, p.session, CLUSTER, p.incarnation, p.lease_id, FP, p.rejoin, placement
+            p.rank,
+            p.session,
+            CLUSTER,
+            p.incarnation,
+            p.lease_id,
+            FP,
+            p.rejoin,
+            placement,
+            p.lease_id,
         )
         self.up[p.session] = deque([hello, *carried])
         self.down[p.session] = deque()

@@ -34,13 +34,14 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import grpc
 import torch.distributed as dist
 
 from coordinator.election import read_leader
 from coordinator.logs import fields
+from coordinator.security import ClientTls, EtcdAccess
 from protos.ep_recovery.v1 import worker_pb2, worker_pb2_grpc
 from protos.types import Placement, TransferPlan
 from worker_agent.adapter import EngineAdapter, GroupSpec, StepAborted
@@ -93,6 +94,11 @@ class AgentConfig:
     lease_ttl_s: int = 1
     connect_timeout_s: float = 60.0
     group_hostname: str = "127.0.0.1"
+    # TLS to the coordinator: the CA that verifies it and, under mutual TLS,
+    # this rank's certificate and key (empty: plaintext).
+    tls: ClientTls = field(default_factory=ClientTls)
+    # TLS and/or a user for etcd (the rank's lease client).
+    etcd_access: EtcdAccess = field(default_factory=EtcdAccess)
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ class WorkerAgent:
         self._members: tuple[int, ...] = ()
         self._progress_interval_s = 0.05
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._credentials: grpc.ChannelCredentials | None = None
         self._outbox: asyncio.Queue[worker_pb2.WorkerMessage] | None = None
         self._thread: threading.Thread | None = None
         self._welcomed = threading.Event()
@@ -428,6 +435,9 @@ class WorkerAgent:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._outbox = asyncio.Queue()
+        # Read once: a file that cannot be read fails start() with its name.
+        if self.config.tls.enabled:
+            self._credentials = self.config.tls.credentials()
         host, _, port = self.config.etcd.rpartition(":")
         lease = RankLease(
             host=host,
@@ -442,6 +452,7 @@ class WorkerAgent:
                 "host": socket.gethostname(),
             },
             on_lost=self._on_lease_lost,
+            access=self.config.etcd_access,
         )
         await lease.start()
         stop = asyncio.create_task(asyncio.to_thread(self._stopping.wait))
@@ -471,7 +482,12 @@ class WorkerAgent:
                         break
                     log.warning(
                         "session lost, reconnecting",
-                        extra=fields(rank=self.config.rank, code=exc.code().name),
+                        # The details tell a refused TLS handshake from a dead peer.
+                        extra=fields(
+                            rank=self.config.rank,
+                            code=exc.code().name,
+                            details=(exc.details() or "")[:300],
+                        ),
                     )
                 attempt += 1
                 await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
@@ -514,7 +530,7 @@ class WorkerAgent:
             incarnation=self.incarnation,
             placement=placement.to_proto(),
         )
-        async with grpc.aio.insecure_channel(endpoint) as channel:
+        async with self._channel(endpoint) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             call = stub.Session()
             await call.write(worker_pb2.WorkerMessage(hello=hello))
@@ -561,6 +577,11 @@ class WorkerAgent:
             finally:
                 writer.cancel()
                 progress.cancel()
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        if self._credentials is not None:
+            return grpc.aio.secure_channel(endpoint, self._credentials)
+        return grpc.aio.insecure_channel(endpoint)
 
     async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
         assert self._outbox is not None
@@ -652,6 +673,8 @@ __all__ = [
     "AgentConfig",
     "AgentDrained",
     "AgentStopped",
+    "ClientTls",
+    "EtcdAccess",
     "RegistrationRefused",
     "StepAborted",
     "WorkerAgent",

@@ -33,6 +33,7 @@ class RankLease(LeasedKey):
         value: Mapping[str, Any] | None = None,
         on_lost: Callable[[], None] | None = None,
         start_timeout_s: float = 10.0,
+        access: etcd_keys.EtcdAccess | None = None,
     ) -> None:
         super().__init__(
             host,
@@ -42,6 +43,7 @@ class RankLease(LeasedKey):
             value={**(value or {}), "rank": rank},
             on_lost=on_lost,
             start_timeout_s=start_timeout_s,
+            access=access,
             log_fields={"cluster": cluster, "rank": rank},
         )
         self.cluster = cluster
