@@ -56,6 +56,8 @@ from coordinator.config import CoordinatorConfig
 from epctl.local_etcd import LocalEtcd
 from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
+# Ranks per process: 1024 ranks in 4 processes, which the scheduler spreads over
+# both cores; one process of 1024 sessions would be one core's worth at most.
 RANKS_PER_HOST = 256
 # A few seconds: 1024 leases refreshed every TTL/3 are ~600 keepalives/s, which
 # etcd and 2 shared cores carry; the 1 s TTL of the real-rank benches would
@@ -68,11 +70,11 @@ PROGRESS_MS = 1000
 DAEMON_PROGRESS_MS = int(CoordinatorConfig.model_fields["progress_interval_ms"].default)
 DAEMON_HOLD_LEAD_S = float(CoordinatorConfig.model_fields["hold_lead_s"].default)
 STEP_MS = 20.0  # one simulated decode iteration
-SETTLE_S = 2.0
+SETTLE_S = 2.0  # after formation, before the CPU window
 # Progress intervals between a shrink and the victim's relaunch, and between
 # one admission's end and the next kill (see _admissions()).
 REJOIN_DELAY_INTERVALS = 2
-SETTLE_INTERVALS = 10  # after formation, before the CPU window
+SETTLE_INTERVALS = 10
 FORM_TIMEOUT_S = 300.0
 OP_TIMEOUT_S = 120.0
 POLL_S = 0.05
@@ -213,6 +215,15 @@ def run_plan(plan: FanoutPlan, log: TextIO | None = None) -> BenchResult:
         "(the ranks' wall clocks, same machine)",
         "rebuild/resync/resume_all_acks: those phases of the grow (command sent to every "
         "rank, to the last ack), median over admissions",
+        f"the victim rejoins {REJOIN_DELAY_INTERVALS} progress intervals (at least 1 s) after "
+        f"its shrink; the next kill comes {plan.settle_intervals} intervals after the grow "
+        "ended (admissions are minutes apart in a real cluster; sooner, the last joiner's "
+        "progress rate, still too high in the coordinator's average, inflates the next hold "
+        "target: see BENCHMARKS.md)",
+        "hold_lead_seen: the target minus the rank's iteration when the order arrived, in ms "
+        "of iterations; retargets: hold orders re-sent because a rank was already past the "
+        "target; rollbacks, unexpected_failures (ranks failed other than the victims) and "
+        "leases_lost: whether the run stayed clean; error: what stopped a case",
     ]
     return result
 
@@ -293,6 +304,9 @@ class _Host:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 class _Cluster:

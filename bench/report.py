@@ -204,21 +204,21 @@ def bench_section(name: str, saved: Mapping[str, Any], plot: Path | None) -> str
     return "\n".join(lines)
 
 
-def machine_section(saved: Mapping[str, Mapping[str, Any]], mode: str) -> str:
-    """The machine of the latest run, from the reports' own machine records."""
+def machine_section(saved: Mapping[str, Mapping[str, Any]]) -> str:
+    """The machine of the latest runs, from the reports' own machine records."""
     first = next(iter(saved.values()))["report"]["machine"]
-    loads = ", ".join(
-        f"{name} {cell(s['report']['machine'].get('load_avg_1min_at_start'))}"
-        for name, s in saved.items()
-    )
-    total = sum(float(s["wall_s"]) for s in saved.values())
     ram = first.get("ram_total_bytes")
     free = first.get("ram_available_bytes_at_start")
     ram_text = "-"
     if isinstance(ram, int):
         ram_text = f"{ram / 2**30:.1f} GiB"
         if isinstance(free, int):
-            ram_text += f" ({free / 2**30:.1f} GiB available at the first bench's start)"
+            ram_text += f" ({free / 2**30:.1f} GiB available when the first bench started)"
+    runs = "; ".join(
+        f"`{s['command']}` {s['started_utc']}, {cell(s['wall_s'])} s, load "
+        f"{cell(s['report']['machine'].get('load_avg_1min_at_start'))}"
+        for s in saved.values()
+    )
     rows = [
         ("CPU", f"{first.get('cpu_model')}, {first.get('cores')} cores "
                 f"({first.get('cores_usable')} usable)"),
@@ -227,12 +227,9 @@ def machine_section(saved: Mapping[str, Mapping[str, Any]], mode: str) -> str:
         ("Python, torch", f"{first.get('python')}, torch {first.get('torch')} "
                           f"({first.get('torch_threads')} threads)"),
         ("etcd", etcd_version()),
-        ("load", f"1-minute load average at each bench's start: {loads}"),
-        ("run", f"`make bench` ({mode}): {', '.join(s['command'] for s in saved.values())}; "
-                f"{cell(total)} s of benches in all, one after another; "
-                f"first started {next(iter(saved.values()))['started_utc']}"),
+        ("runs", f"one after another, each with its 1-minute load average at its start: {runs}"),
     ]  # fmt: skip
-    out = ["Latest `make bench` run:", "", "| | |", "|---|---|"]
+    out = ["The latest `make bench` runs, behind the generated sections:", "", "| | |", "|---|---|"]
     out += [f"| {k} | {cell(v)} |" for k, v in rows]
     return "\n".join(out)
 
@@ -318,8 +315,7 @@ def plot_stall(records: Sequence[Mapping[str, Any]], path: Path, title: str) -> 
 def render(doc: Path, saved: Mapping[str, Mapping[str, Any]], plot: Path, log: TextIO) -> None:
     if not saved:
         raise ReportError("no saved reports to write from (run the benches first)")
-    modes = {"quick" if s["report"].get("quick") else "full" for s in saved.values()}
-    sections = {"machine": machine_section(saved, "/".join(sorted(modes)))}
+    sections = {"machine": machine_section(saved)}
     for name, s in saved.items():
         drawn: Path | None = None
         if name == "stall":
@@ -354,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             if not run_bench(name, not args.full, args.results, log):
                 failed.append(name)
-    saved = load_saved(args.results, [n for n in names if n not in failed])
+    # Every bench's latest saved report, not only this run's: a run of some
+    # benches leaves the others' sections as their own runs wrote them, and the
+    # machine section names the run behind each section.
+    saved = load_saved(args.results, [n for n in BENCHES if n not in failed])
     try:
         render(args.doc, saved, args.plot, log)
     except ReportError as exc:
