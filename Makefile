@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test lint typecheck protos clean
+.PHONY: setup demo test lint typecheck protos bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,13 @@ typecheck: setup
 
 protos: setup
 	$(PY) -m protos.generate
+
+# Every benchmark, one after another, --quick (several minutes here); FULL=1 runs
+# the full sizes (much longer), ONLY="hook fanout" some of them. Rewrites the
+# generated sections of BENCHMARKS.md and bench/stall.png; the JSON reports
+# stay in out/bench/.
+bench: setup
+	$(PY) -m bench.report $(if $(FULL),--full) $(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -24,6 +24,10 @@ BENCHES: dict[str, tuple[str, str]] = {
     "detect": ("bench.detect", "SIGKILL and SIGSTOP of a rank to the coordinator's detection"),
     "resync": ("bench.resync", "expert weight transfer vs loopback copy bound (bytes/s)"),
     "stall": ("bench.stall", "survivor stall per admission vs seed-style, full restart, floor"),
+    "fanout": (
+        "bench.fanout",
+        "one coordinator and 1024 simulated ranks (--quick: 256): pause to all acks, CPU share",
+    ),
 }
 
 

@@ -37,10 +37,13 @@ def machine_info() -> dict[str, Scalar]:
     load1: float | None = None
     with contextlib.suppress(OSError, AttributeError):
         load1 = round(os.getloadavg()[0], 2)
+    memory = _meminfo()
     return {
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count() or 0,
         "cores_usable": usable,
+        "ram_total_bytes": memory.get("MemTotal"),
+        "ram_available_bytes_at_start": memory.get("MemAvailable"),
         # Other work on a shared machine moves every figure; this says how busy it was.
         "load_avg_1min_at_start": load1,
         "platform": platform.platform(),
@@ -48,6 +51,18 @@ def machine_info() -> dict[str, Scalar]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes, by field name (empty where there is none)."""
+    values: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                values[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return values
 
 
 def _cpu_model() -> str:

@@ -20,14 +20,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _epctl(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _epctl(
+    tmp_path: Path, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     # Its own TMPDIR: whatever the bench writes stays under the test's tmp_path.
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
     return subprocess.run(
         [sys.executable, "-m", "epctl.cli", *args],
         cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(tmp)},
+        env={**os.environ, "TMPDIR": str(tmp), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -81,7 +83,7 @@ def test_resync_quick_json(tmp_path: Path) -> None:
 def test_bad_name_exits_2_naming_the_valid_ones(tmp_path: Path, name: str) -> None:
     result = _epctl(tmp_path, "bench", name, timeout=60)
     assert result.returncode == 2
-    for valid in ("hook", "detect", "resync"):
+    for valid in ("hook", "detect", "resync", "stall", "fanout"):
         assert valid in result.stderr
 
 
@@ -109,3 +111,60 @@ def test_stall_small_plan_reports_every_system(tmp_path: Path) -> None:
             assert _positive(record[key]), (record["system"], key, record[key])
     assert systems["floor"]["of_floor"] == 1.0
     assert _positive(systems["ep-recovery"]["survivor_median_ms"])
+
+
+# The smallest fanout: 16 simulated ranks in one process, one admission.
+TINY_FANOUT = {
+    "EP_BENCH_FANOUT_RANKS": "16",
+    "EP_BENCH_FANOUT_PROGRESS_MS": "100",
+    "EP_BENCH_FANOUT_ADMISSIONS": "1",
+    "EP_BENCH_FANOUT_CPU_WINDOW_S": "2",
+}
+
+
+def test_fanout_tiny_end_to_end_json(tmp_path: Path) -> None:
+    result = _epctl(tmp_path, "bench", "fanout", "--json", timeout=240, env=TINY_FANOUT)
+    report = _report(result, "fanout")
+    assert isinstance(report["machine"]["ram_total_bytes"], int)
+    (record,) = report["results"]
+    assert "error" not in record, record["error"]
+    assert (record["ranks"], record["admissions"], record["progress_interval_ms"]) == (16, 1, 100)
+    for key in (
+        "form_s",
+        "cpu_window_s",
+        "progress_reports_per_s",
+        "pause_to_all_acks_p50_ms",
+        "pause_to_all_acks_p99_ms",
+        "hold_ack_per_rank_p50_ms",
+        "hold_ack_per_rank_p99_ms",
+        "hold_delivery_p50_ms",
+        "rebuild_all_acks_p50_ms",
+        "resync_all_acks_p50_ms",
+        "resume_all_acks_p50_ms",
+        "stall_p50_ms",
+        "shrink_p50_ms",
+        "grow_p50_ms",
+        "lease_ttl_s",
+    ):
+        assert _positive(record[key]), (key, record[key])
+    # CPU shares may round to 0 in a short window on an idle process.
+    for key in ("coordinator_cpu_pct", "rank_hosts_cpu_pct", "etcd_cpu_pct"):
+        assert isinstance(record[key], float) and record[key] >= 0, (key, record[key])
+    assert record["pause_to_all_acks_p99_ms"] >= record["pause_to_all_acks_p50_ms"]
+    assert record["hold_ack_per_rank_p99_ms"] >= record["hold_ack_per_rank_p50_ms"]
+    # The pause holds every survivor's hold span, and each span its delivery.
+    assert record["pause_to_all_acks_max_ms"] >= record["hold_ack_per_rank_p99_ms"]
+    assert record["hold_ack_per_rank_p99_ms"] >= record["hold_delivery_p50_ms"]
+    # Only the victim failed, and the harness kept every lease.
+    assert (record["unexpected_failures"], record["leases_lost"], record["rollbacks"]) == (0, 0, 0)
+    assert any("WITHOUT building gloo groups" in note for note in report["notes"])
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("EP_BENCH_FANOUT_RANKS", "15"), ("EP_BENCH_FANOUT_ADMISSIONS", "many")],
+)
+def test_fanout_bad_setting_exits_1_naming_it(tmp_path: Path, variable: str, value: str) -> None:
+    result = _epctl(tmp_path, "bench", "fanout", "--quick", timeout=60, env={variable: value})
+    assert result.returncode == 1
+    assert variable in result.stderr
