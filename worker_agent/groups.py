@@ -20,7 +20,7 @@ import torch.distributed as dist
 from worker_agent.adapter import GroupSpec, StepAborted
 
 POLL_S = 0.0002
-STORE_CONNECT_TIMEOUT_S = 2.0
+STORE_CONNECT_POLL_S = 0.005
 
 GLOO = "gloo"
 NCCL = "nccl"
@@ -70,19 +70,42 @@ def wait_work(work: dist.Work, aborted: Callable[[], bool]) -> None:
         raise CollectiveFailed(str(exc)) from exc
 
 
-def epoch_store(spec: GroupSpec, namespace: str) -> dist.PrefixStore:
-    # Connecting gives up after STORE_CONNECT_TIMEOUT_S, not the group timeout:
-    # the store lives in the coordinator, and after a fail-over in the middle of
-    # a rebuild the old one is gone; the rank must be free for the new leader's
-    # first command (an abort) well within that phase's deadline.
-    base = dist.TCPStore(
-        spec.store_host,
-        spec.store_port,
-        is_master=False,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=min(spec.timeout_s, STORE_CONNECT_TIMEOUT_S)),
-    )
-    base.set_timeout(timedelta(seconds=spec.timeout_s))
+def epoch_store(spec: GroupSpec, namespace: str, aborted: Callable[[], bool]) -> dist.PrefixStore:
+    """A client of the epoch's rendezvous store, under `namespace`.
+
+    It connects on a helper thread, and the caller polls `aborted` meanwhile:
+    the store lives in the coordinator, and after a fail-over in the middle of
+    a rebuild the old one is gone. The client would retry the dead address
+    for the whole group timeout; the rank must instead be free for the new
+    leader's first command (an abort, which makes `aborted` true) at once. A
+    connect that is only slow (a loaded host) still gets the whole timeout.
+    """
+    outcome: list[dist.TCPStore | BaseException] = []
+
+    def connect() -> None:
+        try:
+            outcome.append(
+                dist.TCPStore(
+                    spec.store_host,
+                    spec.store_port,
+                    is_master=False,
+                    wait_for_workers=False,
+                    timeout=timedelta(seconds=spec.timeout_s),
+                )
+            )
+        except BaseException as exc:  # handed to the caller below
+            outcome.append(exc)
+
+    helper = threading.Thread(target=connect, name="store-connect", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        if aborted():
+            # The helper gives up on its own within the timeout; nothing waits for it.
+            raise StepAborted(f"store connect for the epoch {spec.epoch} group abandoned")
+        helper.join(STORE_CONNECT_POLL_S)
+    base = outcome[0]
+    if isinstance(base, BaseException):
+        raise base
     return dist.PrefixStore(f"{spec.store_prefix}{namespace}/", base)
 
 
@@ -99,7 +122,7 @@ def build_gloo_group(
     peer died (or whose operation was abandoned) is released by `aborted`
     instead of waiting in gloo's own rendezvous until the timeout.
     """
-    store = epoch_store(spec, namespace)
+    store = epoch_store(spec, namespace, aborted)
     arrival_barrier(store, spec, rank, aborted)
     opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname)]
@@ -151,7 +174,7 @@ def build_nccl_group(
         raise ValueError(f"NCCL groups need a CUDA device, not {device!r}")
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    store = epoch_store(spec, namespace)
+    store = epoch_store(spec, namespace, aborted)
     arrival_barrier(store, spec, rank, aborted)
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = timedelta(seconds=spec.timeout_s)
