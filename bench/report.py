@@ -254,8 +254,8 @@ def etcd_version() -> str:
 
 
 def plot_stall(records: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    """Survivor stall against expert bytes, one panel per rank count: the
-    median with its min..max range for each system, the floor dashed."""
+    """Survivor stall against expert bytes, one panel per rank count: each
+    system's median with its min..max range, the floor (a best case) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -265,13 +265,18 @@ def plot_stall(records: Sequence[Mapping[str, Any]], path: Path, title: str) -> 
     fig, axes = plt.subplots(
         1, len(rank_counts), figsize=(4.8 * len(rank_counts) + 1.2, 4.2), squeeze=False
     )
+    # marker, line, colour, and a small sideways shift so that ranges at the
+    # same size do not hide each other
     styles = {
-        "ep-recovery": ("o", "-", "tab:blue"),
-        "seed-style": ("s", "-", "tab:orange"),
-        "full-restart": ("^", "-", "tab:red"),
-        "floor": ("", "--", "tab:gray"),
+        "ep-recovery": ("o", "-", "tab:blue", 1.0),
+        "seed-style": ("s", "-", "tab:orange", 1.1),
+        "full-restart": ("^", "-", "tab:red", 0.91),
+        "floor": ("", "--", "tab:gray", 1.0),
     }
+    # where each system's figures are written, in points from the point
+    label_offsets = {"ep-recovery": (6, -11), "floor": (6, -11)}
     for ax, ranks in zip(axes[0], rank_counts, strict=True):
+        sizes: set[float] = set()
         for system in STALL_SYSTEMS:
             rows = sorted(
                 (r for r in records if r["system"] == system and int(r["ranks"]) == ranks),
@@ -279,29 +284,44 @@ def plot_stall(records: Sequence[Mapping[str, Any]], path: Path, title: str) -> 
             )
             if not rows:
                 continue
-            x = [float(r["expert_mb"]) for r in rows]
+            marker, line, color, shift = styles[system]
+            x = [float(r["expert_mb"]) * shift for r in rows]
             y = [float(r["stall_ms"]) for r in rows]
-            low = [max(0.0, v - float(r["stall_ms_min"])) for v, r in zip(y, rows, strict=True)]
-            high = [max(0.0, float(r["stall_ms_max"]) - v) for v, r in zip(y, rows, strict=True)]
-            marker, line, color = styles[system]
-            label = "floor (bare group build, best)" if system == "floor" else system
-            ax.errorbar(
-                x,
-                y,
-                yerr=[low, high],
-                marker=marker or None,
-                linestyle=line,
-                color=color,
-                capsize=3,
-                label=label,
-            )
+            sizes |= {float(r["expert_mb"]) for r in rows}
+            if system == "floor":
+                # The floor is the best build of its trials: its range says
+                # nothing about the floor itself.
+                ax.plot(x, y, linestyle=line, color=color, label="floor (bare group build, best)")
+            else:
+                low = [v - float(r["stall_ms_min"]) for v, r in zip(y, rows, strict=True)]
+                high = [float(r["stall_ms_max"]) - v for v, r in zip(y, rows, strict=True)]
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=[[max(0.0, d) for d in low], [max(0.0, d) for d in high]],
+                    marker=marker,
+                    linestyle=line,
+                    color=color,
+                    capsize=3,
+                    label=system,
+                )
+            for xi, yi in zip(x, y, strict=True):
+                text = f"{yi / 1000:.1f} s" if yi >= 1000 else f"{yi:.0f} ms"
+                ax.annotate(
+                    text, (xi, yi), textcoords="offset points", fontsize="x-small", color=color,
+                    xytext=label_offsets.get(system, (6, 4)),
+                )  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(sorted(sizes), [f"{s:g}" for s in sorted(sizes)])
+        ax.set_xlim(min(sizes) / 1.6, max(sizes) * 1.6)
+        low, high = ax.get_ylim()
+        ax.set_ylim(low / 1.5, high * 2.5)  # room for the labels by the extreme points
         ax.set_xlabel("expert MiB per rank")
         ax.set_title(f"{ranks} ranks")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("survivor stall, ms (median; bars: min..max)")
-    axes[0][-1].legend(loc="best", fontsize="small")
+    axes[0][0].legend(loc="upper left", fontsize="small")
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
