@@ -58,9 +58,6 @@ D_MODEL = 32
 LEASE_TTL_S = 3  # 8 rank processes on 2 loaded cores: leave the keepalive some slack
 FORM_TIMEOUT_S = 300.0
 SYSTEMS = ("ep-recovery", "seed-style", "full-restart", "floor")
-# How long seed-style and floor builds wait to connect to the store (the group
-# timeout of their GroupSpec), where the agent waits 2 s (see _peer).
-SEED_CONNECT_TIMEOUT_S = 60.0
 
 PHASE_NAME = {v: k.removeprefix("PHASE_").lower() for k, v in common_pb2.Phase.items()}
 _RESUMED = re.compile(r" resumed .*stall_ms=([0-9.]+)")
@@ -213,9 +210,7 @@ def _report(
         "prefix, among the seed-style processes; of_floor = stall_ms / floor stall_ms",
         "a group build opens a new TCPStore client per group; on this machine one such "
         "connect in a few takes ~5.0 s when 8 processes connect at once (torch 2.13, either "
-        "store backend), so seed-style and floor trials are bimodal: see min and max. "
-        f"Their store connect waits up to {SEED_CONNECT_TIMEOUT_S:g} s; the agent's (the "
-        "ep-recovery rebuild) gives up after 2 s",
+        "store backend), so seed-style and floor trials are bimodal: see min and max",
         f"trials: ep-recovery {plan.grow_trials}, seed-style and floor {plan.peer_trials}, "
         f"full-restart {plan.restart_trials}",
     ]
@@ -502,18 +497,9 @@ def _peer(
 
     from coordinator.plan import transfer_plan
     from reference_engine.placement import build_placement
-    from worker_agent import groups as agent_groups
     from worker_agent.adapter import GroupSpec
     from worker_agent.groups import build_gloo_group, wait_work
     from worker_agent.resync import execute_resync
-
-    # The agent gives up connecting to an epoch's store after 2 s: its guard
-    # for a store that left with a failed-over coordinator. Neither the seed
-    # nor a bare build has that guard; they wait as long as the group may take.
-    # With it, a connect that stalls under load (the ~5 s connect in the notes)
-    # failed the whole bench instead of showing as a slow trial. This process
-    # is a fresh spawn, only for these builds.
-    agent_groups.STORE_CONNECT_TIMEOUT_S = SEED_CONNECT_TIMEOUT_S
 
     def never() -> bool:
         return False
