@@ -380,7 +380,9 @@ class SimRank:
             case "rebuild":
                 # No groups are built here (see the module doc).
                 self._ack(cmd, groups_ready=worker_pb2.GroupsReady(build_ms=0.0))
-            case "resync":
+            case "prefetch" | "resync":
+                # No experts move here either: a prefetch (while serving) and
+                # the pause's resync are answered at once.
                 self._ack(cmd, resynced=worker_pb2.Resynced())
             case "resume":
                 self._cancel_hold()
