@@ -208,6 +208,7 @@ def load_server_secrets(
 
 
 def etcd_access(config: CoordinatorConfig) -> EtcdAccess:
+    """How this daemon's etcd clients reach etcd."""
     return EtcdAccess(
         ca_file=config.etcd_ca_file,
         cert_file=config.etcd_cert_file,

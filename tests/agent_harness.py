@@ -261,10 +261,16 @@ class CoordinatorProcess:
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         self._channel: grpc.Channel | None = None
-        if standby:
-            self._wait_role("standby", 30)
-        else:
-            self.wait_leader(30)
+        try:
+            if standby:
+                self._wait_role("standby", 30)
+            else:
+                self.wait_leader(30)
+        except BaseException:
+            # The test never gets this object to stop: stop it here rather
+            # than leave it running (it would outlive the test).
+            self.stop()
+            raise
 
     def role(self) -> str:
         with contextlib.suppress(FileNotFoundError, ValueError):
@@ -272,11 +278,14 @@ class CoordinatorProcess:
         return ""
 
     def _wait_role(self, role: str, timeout_s: float) -> dict[str, object]:
-        wait_until(
-            lambda: self.proc.poll() is not None or self.role() == role,
-            timeout_s,
-            f"the coordinator to be {role}",
-        )
+        try:
+            wait_until(
+                lambda: self.proc.poll() is not None or self.role() == role,
+                timeout_s,
+                f"the coordinator to be {role}",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log:\n{self.log_tail()}") from None
         if self.proc.poll() is not None:
             raise AssertionError(f"coordinator exited: {Path(self.log.name).read_text()}")
         return dict(json.loads(self.ready_file.read_text()))
