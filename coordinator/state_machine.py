@@ -1654,6 +1654,12 @@ class RecoveryStateMachine:
                 op.halted[ev.rank] = last_completed
             case Resumed(stall_ms):
                 op.stall_ms[ev.rank] = stall_ms
+                # The engine goes on from the resume iteration: the next report
+                # must not count the jump as progress (a joiner's goes from 0 to
+                # the cluster's iteration), or the next hold target runs far ahead.
+                assert isinstance(op.command, Resume)
+                rate = view.progress.rate if view.progress else 0.0
+                view.progress = ProgressSample(op.command.iteration, self._now, rate)
         op.awaiting.discard(ev.rank)
         self._emit(RankDone(op.op_id, ev.rank, op.step, op.command_sent_at, self._now, "done"))
         if op.awaiting:

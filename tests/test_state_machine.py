@@ -299,6 +299,29 @@ class Driver:
         return steps
 
 
+def test_a_resume_does_not_count_as_progress() -> None:
+    # A joiner reported iteration 0 while it waited; after the resume it
+    # reports the cluster's iteration. That jump is no rate: with it, the next
+    # hold target would run far ahead (found by the fanout bench).
+    d = Driver(4)
+    d.form()
+    for r in range(4):
+        d.progress(r, 500)
+    d.shrink(d.kill(3), lambda s: 500)
+    d.register(3, rejoin=True)
+    d.progress(3, 0)
+    out = d.ready(3)
+    out = d.ack_all(sent(out, Hold), lambda s: Held(s.command.iteration))
+    out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
+    resumes = sent(d.ack_all(sent(out, Resync), lambda s: Resynced()), Resume)
+    d.ack_all(resumes, lambda s: Resumed())
+    assert d.machine.phase == Phase.STEADY
+    d.progress(3, resumes[0].command.iteration + 1)
+    d.progress(3, resumes[0].command.iteration + 2)
+    progress = d.machine.ranks[3].progress
+    assert progress is not None and progress.rate < 1000  # 100 it/s at most here
+
+
 def test_founders_form_epoch_1() -> None:
     d = Driver(4)
     out: list[Action] = []
