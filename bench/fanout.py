@@ -22,13 +22,14 @@ Per rank count, once the cluster has formed:
    clocks (same machine) split each rank's span into delivery (order sent to
    received), the run to the target iteration, and the ack's way back.
 
-Settings (environment, all optional): EP_BENCH_FANOUT_RANKS and
-EP_BENCH_FANOUT_PROGRESS_MS (comma lists; every rank count, even, runs at every
-interval), EP_BENCH_FANOUT_ADMISSIONS, EP_BENCH_FANOUT_LEASE_TTL_S,
-EP_BENCH_FANOUT_STEP_MS, EP_BENCH_FANOUT_HOLD_LEAD_S,
+Settings (environment, all optional): EP_BENCH_FANOUT_RANKS,
+EP_BENCH_FANOUT_PROGRESS_MS and EP_BENCH_FANOUT_HOLD_LEAD_S are comma lists;
+given any, every combination runs (rank counts even; by default the plan's
+rank counts, 1000 ms and the daemon's hold lead). EP_BENCH_FANOUT_ADMISSIONS,
+EP_BENCH_FANOUT_LEASE_TTL_S, EP_BENCH_FANOUT_STEP_MS,
 EP_BENCH_FANOUT_CPU_WINDOW_S, EP_BENCH_FANOUT_SETTLE_INTERVALS (progress
 intervals between one admission and the next kill; 0 shows the inflated hold
-targets described in BENCHMARKS.md); EP_BENCH_FANOUT_LOG_DIR keeps the
+targets described in BENCHMARKS.md). EP_BENCH_FANOUT_LOG_DIR keeps the
 coordinator's and the rank processes' logs there.
 """
 
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -70,6 +71,7 @@ PROGRESS_MS = 1000
 DAEMON_PROGRESS_MS = int(CoordinatorConfig.model_fields["progress_interval_ms"].default)
 DAEMON_HOLD_LEAD_S = float(CoordinatorConfig.model_fields["hold_lead_s"].default)
 STEP_MS = 20.0  # one simulated decode iteration
+LONG_HOLD_LEAD_S = 0.5
 SETTLE_S = 2.0  # after formation, before the CPU window
 # Progress intervals between a shrink and the victim's relaunch, and between
 # one admission's end and the next kill (see _admissions()).
@@ -86,14 +88,21 @@ GROW_PHASES = ("pausing", "rebuilding", "resyncing", "resuming")
 
 
 @dataclass(frozen=True)
-class FanoutPlan:
-    """`cases`: (ranks, progress interval ms) pairs, one fresh cluster each."""
+class Case:
+    """One fresh cluster: its size and the coordinator's two settings that
+    shape the fan-out."""
 
-    cases: tuple[tuple[int, int], ...]
+    ranks: int
+    progress_ms: int = PROGRESS_MS
+    hold_lead_s: float = DAEMON_HOLD_LEAD_S
+
+
+@dataclass(frozen=True)
+class FanoutPlan:
+    cases: tuple[Case, ...]
     admissions: int
     lease_ttl_s: int = LEASE_TTL_S
     step_ms: float = STEP_MS
-    hold_lead_s: float = DAEMON_HOLD_LEAD_S
     cpu_window_s: float = 10.0
     settle_intervals: int = SETTLE_INTERVALS
 
@@ -102,15 +111,23 @@ def quick_plan() -> FanoutPlan:
     # The daemon's default interval too, side by side: what the steady state
     # costs at the rate the product ships with.
     return FanoutPlan(
-        cases=((256, PROGRESS_MS), (256, DAEMON_PROGRESS_MS)), admissions=3, cpu_window_s=5.0
+        cases=(Case(256), Case(256, progress_ms=DAEMON_PROGRESS_MS)),
+        admissions=3,
+        cpu_window_s=5.0,
     )
 
 
 def full_plan() -> FanoutPlan:
     # 1024 ranks at the daemon's 50 ms would be 20,480 reports/s: more than
-    # the rank processes can send on 2 cores (EP_BENCH_FANOUT_* runs it).
+    # the rank processes can send on 2 cores (EP_BENCH_FANOUT_* runs it). A
+    # hold lead 10 times the default, beside it, shows what the retargets cost.
     return FanoutPlan(
-        cases=((256, PROGRESS_MS), (1024, PROGRESS_MS), (256, DAEMON_PROGRESS_MS)),
+        cases=(
+            Case(256),
+            Case(1024),
+            Case(1024, hold_lead_s=LONG_HOLD_LEAD_S),
+            Case(256, progress_ms=DAEMON_PROGRESS_MS),
+        ),
         admissions=5,
         cpu_window_s=10.0,
     )
@@ -131,32 +148,37 @@ def plan_from_env(base: FanoutPlan, environ: Mapping[str, str]) -> FanoutPlan:
             raise BenchError(f"{ENV}{name}={text!r}: must be at least {low:g}")
         return value
 
-    def numbers(name: str, low: int, even: bool) -> tuple[int, ...] | None:
+    def numbers(
+        name: str, cast: Callable[[str], float], low: float, even: bool = False
+    ) -> tuple[Any, ...] | None:
         text = environ.get(ENV + name)
         if text is None:
             return None
         try:
-            values = tuple(int(part) for part in text.split(",") if part.strip())
+            values = tuple(cast(part) for part in text.split(",") if part.strip())
         except ValueError:
             raise BenchError(f"{ENV}{name}={text!r}: expected a number or a comma list") from None
-        if not values or any(v < low or (even and v % 2) for v in values):
+        if not values or any(not v >= low or (even and v % 2) for v in values):
             need = "even and " if even else ""
-            raise BenchError(f"{ENV}{name}={text!r}: every value must be {need}>= {low}")
+            raise BenchError(f"{ENV}{name}={text!r}: every value must be {need}>= {low:g}")
         return values
 
     plan = base
-    ranks = numbers("RANKS", 2, even=True)
-    intervals = numbers("PROGRESS_MS", 5, even=False)
-    if ranks is not None or intervals is not None:
-        # Every rank count at every interval, in the order given.
-        ranks = ranks or tuple(dict.fromkeys(n for n, _ in base.cases))
-        intervals = intervals or tuple(dict.fromkeys(ms for _, ms in base.cases))
-        plan = replace(plan, cases=tuple((n, ms) for ms in intervals for n in ranks))
+    ranks = numbers("RANKS", int, 2, even=True)
+    intervals = numbers("PROGRESS_MS", int, 5)
+    leads = numbers("HOLD_LEAD_S", float, 0.001)
+    if ranks is not None or intervals is not None or leads is not None:
+        # Every combination, in the order given. Not given: the plan's rank
+        # counts, the bench's progress interval, the daemon's hold lead.
+        ranks = ranks or tuple(dict.fromkeys(c.ranks for c in base.cases))
+        intervals = intervals or (PROGRESS_MS,)
+        leads = leads or (DAEMON_HOLD_LEAD_S,)
+        cases = tuple(Case(n, ms, lead) for ms in intervals for lead in leads for n in ranks)
+        plan = replace(plan, cases=cases)
     for field_name, env_name, cast, low in (
         ("admissions", "ADMISSIONS", int, 1),
         ("lease_ttl_s", "LEASE_TTL_S", int, 1),
         ("step_ms", "STEP_MS", float, 0.1),
-        ("hold_lead_s", "HOLD_LEAD_S", float, 0.001),
         ("cpu_window_s", "CPU_WINDOW_S", float, 0.5),
         ("settle_intervals", "SETTLE_INTERVALS", int, 0),
     ):
@@ -183,8 +205,8 @@ def run_plan(plan: FanoutPlan, log: TextIO | None = None) -> BenchResult:
         etcd = LocalEtcd(name="bench-fanout")
         try:
             etcd.start()
-            for ranks, progress_ms in plan.cases:
-                with _Cluster(workdir, log, etcd, ranks, progress_ms, plan) as cluster:
+            for case in plan.cases:
+                with _Cluster(workdir, log, etcd, case, plan) as cluster:
                     result.results.append(cluster.measure())
         finally:
             etcd.stop()
@@ -197,8 +219,8 @@ def run_plan(plan: FanoutPlan, log: TextIO | None = None) -> BenchResult:
         "Rebuild is acknowledged WITHOUT building gloo groups, Resync without moving weights",
         f"a simulated rank iterates every {plan.step_ms:g} ms while it serves and reports "
         "progress every progress_interval_ms (the coordinator's --progress-interval-ms; "
-        f"the daemon's default is {DAEMON_PROGRESS_MS} ms); the coordinator's hold lead is "
-        f"{plan.hold_lead_s:g} s (--hold-lead-s; the daemon's default is {DAEMON_HOLD_LEAD_S:g} s)",
+        f"the daemon's default is {DAEMON_PROGRESS_MS} ms); hold_lead_s: the coordinator's "
+        f"--hold-lead-s (the daemon's default is {DAEMON_HOLD_LEAD_S:g} s)",
         f"coordinator_cpu_pct: the coordinator's user+system CPU over {plan.cpu_window_s:g} s "
         "of steady state (from /proc/PID/stat) as % of one core; rank_hosts_cpu_pct and "
         "etcd_cpu_pct likewise, summed over their processes; "
@@ -317,17 +339,17 @@ class _Cluster:
         workdir: Path,
         log: TextIO | None,
         etcd: LocalEtcd,
-        ranks: int,
-        progress_ms: int,
+        case: Case,
         plan: FanoutPlan,
     ) -> None:
         self.workdir = workdir
         self.log = log
         self.etcd = etcd
-        self.ranks = ranks
-        self.progress_ms = progress_ms
+        self.case = case
+        self.ranks = case.ranks
+        self.progress_ms = case.progress_ms
         self.plan = plan
-        self.cluster = f"bench-fanout-{ranks}-p{progress_ms}"
+        self.cluster = f"bench-fanout-{case.ranks}-p{case.progress_ms}-l{case.hold_lead_s:g}"
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.hosts: list[_Host] = []
         self.host_of: dict[int, _Host] = {}
@@ -372,7 +394,7 @@ class _Cluster:
                     "--cluster", self.cluster, "--world-size", str(self.ranks),
                     "--listen", "127.0.0.1:0", "--etcd", self.etcd.endpoint,
                     "--progress-interval-ms", str(self.progress_ms),
-                    "--hold-lead-s", str(self.plan.hold_lead_s),
+                    "--hold-lead-s", str(self.case.hold_lead_s),
                     "--ready-file", str(ready),
                 ],
                 stdin=subprocess.DEVNULL,
@@ -458,7 +480,8 @@ class _Cluster:
 
     def measure(self) -> Record:
         """The case's record. A failure part-way keeps what was measured before
-        it, with `error` saying what went wrong."""
+        it (the admissions completed by then among it), with `error` saying
+        what went wrong."""
         plan = self.plan
         record: Record = {
             "ranks": self.ranks,
@@ -467,13 +490,15 @@ class _Cluster:
             "lease_ttl_s": plan.lease_ttl_s,
             "progress_interval_ms": self.progress_ms,
             "step_ms": plan.step_ms,
-            "hold_lead_s": plan.hold_lead_s,
+            "hold_lead_s": self.case.hold_lead_s,
         }
         progress(
             self.log,
             f"fanout: {self.ranks} ranks in {record['rank_processes']} processes, "
-            f"progress every {self.progress_ms} ms",
+            f"progress every {self.progress_ms} ms, hold lead {self.case.hold_lead_s:g} s",
         )
+        samples = _Samples()
+        error = ""
         try:
             seen: set[str] = set()
             record["form_s"] = round(self._form(seen), 2)
@@ -484,13 +509,22 @@ class _Cluster:
                 self.log,
                 f"fanout: steady state, coordinator {record['coordinator_cpu_pct']}% of a core",
             )
-            record.update(self._admissions(seen))
+            self._admissions(seen, samples)
         except BenchError as exc:
             # A case that fails (the coordinator stepping down under load, say)
             # is a finding; the other cases still run.
             progress(self.log, f"fanout: {self.ranks} ranks failed: {exc}")
-            record["error"] = _summary(str(exc))
+            error = _summary(str(exc))
+        record["admissions_done"] = len(samples.pauses)
+        record.update(samples.summary())
+        with contextlib.suppress(BenchError, grpc.RpcError):
+            record["unexpected_failures"] = self._unexpected_failures(samples.victims)
+            record["leases_lost"] = sum(
+                int(h.request(10.0, op="stats")["lost_leases"]) for h in self.hosts
+            )
         record["rollbacks"] = self.rollbacks
+        if error:
+            record["error"] = error
         return record
 
     def _form(self, seen: set[str]) -> float:
@@ -503,20 +537,8 @@ class _Cluster:
         self._wait_op("form", None, seen)
         return time.perf_counter() - started
 
-    def _admissions(self, seen: set[str]) -> Record:
+    def _admissions(self, seen: set[str], samples: _Samples) -> None:
         plan = self.plan
-        pauses: list[float] = []
-        phases: dict[str, list[float]] = {p: [] for p in GROW_PHASES}
-        per_rank: list[float] = []
-        delivery: list[float] = []
-        back: list[float] = []
-        ahead: list[float] = []
-        shrinks: list[float] = []
-        grows: list[float] = []
-        stalls: list[float] = []
-        admission_cpu: list[float] = []
-        retargets = 0
-        victims: list[int] = []
         assert self.coordinator is not None
         for k in range(plan.admissions):
             if k:
@@ -528,7 +550,7 @@ class _Cluster:
                 time.sleep(max(1.0, plan.settle_intervals * self.progress_ms / 1000.0))
             # Spread over the ranks and the processes; never the same twice in a row.
             victim = (1 + k * (self.ranks // plan.admissions + 1)) % self.ranks
-            victims.append(victim)
+            samples.victims.append(victim)
             cpu_before = _cpu_seconds(self.coordinator.pid)
             host = self.host_of[victim]
             host.request(30.0, op="kill", rank=victim)
@@ -539,51 +561,17 @@ class _Cluster:
             time.sleep(max(1.0, REJOIN_DELAY_INTERVALS * self.progress_ms / 1000.0))
             host.request(60.0, op="join", rank=victim)
             grow = self._wait_op("grow", victim, seen)
-            admission_cpu.append(_cpu_seconds(self.coordinator.pid) - cpu_before)
-            shrinks.append(shrink.end_unix_ms - shrink.start_unix_ms)
-            grows.append(grow.end_unix_ms - grow.start_unix_ms)
-            stalls.append(grow.stall_ms)
-            retargets += grow.retargets
+            cpu = _cpu_seconds(self.coordinator.pid) - cpu_before
             spans = self._phase_spans(grow.op_id)
-            for phase in GROW_PHASES:
-                phases[phase].append(spans[phase])
-            pauses.append(spans["pausing"])
             hold_spans = self._hold_spans(grow.op_id)
-            per_rank += [end - start for start, end in hold_spans.values()]
-            d, b, a = self._split_holds(grow.op_id, hold_spans)
-            delivery += d
-            back += b
-            ahead += a
+            split = self._split_holds(grow.op_id, hold_spans)
+            samples.add(shrink, grow, spans, hold_spans, cpu, split)
             progress(
                 self.log,
                 f"fanout: {self.ranks} ranks, admission {k + 1}/{plan.admissions} "
                 f"(rank {victim}): pause to all acks {spans['pausing']:.1f} ms, "
                 f"retargets {grow.retargets}, stall {grow.stall_ms:.1f} ms",
             )
-        lost = sum(int(h.request(10.0, op="stats")["lost_leases"]) for h in self.hosts)
-        return {
-            "pause_to_all_acks_p50_ms": _ms(median(pauses)),
-            "pause_to_all_acks_p99_ms": _ms(percentile(pauses, 99)),
-            "pause_to_all_acks_max_ms": _ms(max(pauses)),
-            "hold_ack_per_rank_p50_ms": _ms(percentile(per_rank, 50)),
-            "hold_ack_per_rank_p99_ms": _ms(percentile(per_rank, 99)),
-            "hold_delivery_p50_ms": _ms(percentile(delivery, 50)) if delivery else None,
-            "hold_delivery_p99_ms": _ms(percentile(delivery, 99)) if delivery else None,
-            "ack_return_p50_ms": _ms(percentile(back, 50)) if back else None,
-            "ack_return_p99_ms": _ms(percentile(back, 99)) if back else None,
-            "hold_lead_seen_p50_ms": _ms(percentile(ahead, 50)) if ahead else None,
-            "hold_lead_seen_max_ms": _ms(max(ahead)) if ahead else None,
-            "rebuild_all_acks_p50_ms": _ms(median(phases["rebuilding"])),
-            "resync_all_acks_p50_ms": _ms(median(phases["resyncing"])),
-            "resume_all_acks_p50_ms": _ms(median(phases["resuming"])),
-            "stall_p50_ms": _ms(median(stalls)),
-            "shrink_p50_ms": _ms(median(shrinks)),
-            "grow_p50_ms": _ms(median(grows)),
-            "coordinator_cpu_s_per_admission_p50": round(median(admission_cpu), 3),
-            "retargets": retargets,
-            "unexpected_failures": self._unexpected_failures(victims),
-            "leases_lost": lost,
-        }
 
     def _steady_cpu(self) -> dict[str, float]:
         assert self.coordinator is not None
@@ -681,16 +669,84 @@ class _Cluster:
         return len(failed)
 
 
+@dataclass
+class _Samples:
+    """What the completed admissions of one case measured."""
+
+    victims: list[int] = field(default_factory=list)
+    pauses: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in GROW_PHASES})
+    per_rank: list[float] = field(default_factory=list)
+    delivery: list[float] = field(default_factory=list)
+    back: list[float] = field(default_factory=list)
+    ahead: list[float] = field(default_factory=list)
+    shrinks: list[float] = field(default_factory=list)
+    grows: list[float] = field(default_factory=list)
+    stalls: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+    retargets: int = 0
+
+    def add(
+        self,
+        shrink: admin_pb2.OperationSummary,
+        grow: admin_pb2.OperationSummary,
+        spans: Mapping[str, float],
+        hold_spans: Mapping[int, tuple[float, float]],
+        cpu_s: float,
+        split: tuple[list[float], list[float], list[float]],
+    ) -> None:
+        self.shrinks.append(shrink.end_unix_ms - shrink.start_unix_ms)
+        self.grows.append(grow.end_unix_ms - grow.start_unix_ms)
+        self.stalls.append(grow.stall_ms)
+        self.retargets += grow.retargets
+        for phase in GROW_PHASES:
+            self.phases[phase].append(spans[phase])
+        self.pauses.append(spans["pausing"])
+        self.per_rank += [end - start for start, end in hold_spans.values()]
+        self.delivery += split[0]
+        self.back += split[1]
+        self.ahead += split[2]
+        self.cpu_s.append(cpu_s)
+
+    def summary(self) -> Record:
+        """The figures, where there are samples to compute them from."""
+
+        def ms(values: list[float], q: float | None) -> float | None:
+            if not values:
+                return None
+            return round(max(values) if q is None else percentile(values, q), 2)
+
+        if not self.pauses:
+            return {}
+        return {
+            "pause_to_all_acks_p50_ms": ms(self.pauses, 50),
+            "pause_to_all_acks_p99_ms": ms(self.pauses, 99),
+            "pause_to_all_acks_max_ms": ms(self.pauses, None),
+            "hold_ack_per_rank_p50_ms": ms(self.per_rank, 50),
+            "hold_ack_per_rank_p99_ms": ms(self.per_rank, 99),
+            "hold_delivery_p50_ms": ms(self.delivery, 50),
+            "hold_delivery_p99_ms": ms(self.delivery, 99),
+            "ack_return_p50_ms": ms(self.back, 50),
+            "ack_return_p99_ms": ms(self.back, 99),
+            "hold_lead_seen_p50_ms": ms(self.ahead, 50),
+            "hold_lead_seen_max_ms": ms(self.ahead, None),
+            "rebuild_all_acks_p50_ms": ms(self.phases["rebuilding"], 50),
+            "resync_all_acks_p50_ms": ms(self.phases["resyncing"], 50),
+            "resume_all_acks_p50_ms": ms(self.phases["resuming"], 50),
+            "stall_p50_ms": ms(self.stalls, 50),
+            "shrink_p50_ms": ms(self.shrinks, 50),
+            "grow_p50_ms": ms(self.grows, 50),
+            "coordinator_cpu_s_per_admission_p50": round(median(self.cpu_s), 3),
+            "retargets": self.retargets,
+        }
+
+
 def _summary(message: str, limit: int = 300) -> str:
     """The first line of a failure and its last (the coordinator's last log
     line, where it says why it stopped)."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     text = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
     return text[:limit]
-
-
-def _ms(value: float) -> float:
-    return round(value, 2)
 
 
 if __name__ == "__main__":  # python -m bench.fanout: the settings of EP_BENCH_FANOUT_*

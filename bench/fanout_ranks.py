@@ -430,6 +430,8 @@ class SimRank:
 
 
 class Host:
+    """This process's ranks, and the bench's requests about them."""
+
     def __init__(self, config: HostConfig, first: int, count: int) -> None:
         self.config = config
         self.first = first

@@ -129,6 +129,7 @@ def test_fanout_tiny_end_to_end_json(tmp_path: Path) -> None:
     (record,) = report["results"]
     assert "error" not in record, record["error"]
     assert (record["ranks"], record["admissions"], record["progress_interval_ms"]) == (16, 1, 100)
+    assert record["admissions_done"] == 1
     for key in (
         "form_s",
         "cpu_window_s",
