@@ -1657,9 +1657,12 @@ class RecoveryStateMachine:
                 # The engine goes on from the resume iteration: the next report
                 # must not count the jump as progress (a joiner's goes from 0 to
                 # the cluster's iteration), or the next hold target runs far ahead.
+                # (Never below an iteration it reported: targets stay past those.)
                 assert isinstance(op.command, Resume)
-                rate = view.progress.rate if view.progress else 0.0
-                view.progress = ProgressSample(op.command.iteration, self._now, rate)
+                previous = view.progress
+                iteration = max(op.command.iteration, previous.iteration if previous else 0)
+                rate = previous.rate if previous else 0.0
+                view.progress = ProgressSample(iteration, self._now, rate)
         op.awaiting.discard(ev.rank)
         self._emit(RankDone(op.op_id, ev.rank, op.step, op.command_sent_at, self._now, "done"))
         if op.awaiting:
