@@ -52,6 +52,20 @@ RANK_STATE_TO_PROTO = {
 }
 
 
+def _group_spec(
+    coordinator: Coordinator, epoch: int, members: tuple[int, ...], prefix: str
+) -> worker_pb2.GroupSpec:
+    """Where and how ranks build a group: on this coordinator's store."""
+    return worker_pb2.GroupSpec(
+        epoch=epoch,
+        store_host=coordinator.config.store_host,
+        store_port=coordinator.store_port,
+        store_prefix=prefix,
+        members=list(members),
+        timeout_ms=int(coordinator.config.group_timeout_s * 1000),
+    )
+
+
 def command_to_proto(coordinator: Coordinator, send: sm.Send) -> worker_pb2.CoordinatorMessage:
     cmd = worker_pb2.Command(epoch=send.epoch, op_id=send.op_id, command_id=send.command_id)
     match send.command:
@@ -60,28 +74,10 @@ def command_to_proto(coordinator: Coordinator, send: sm.Send) -> worker_pb2.Coor
         case sm.Abort(epoch):
             cmd.abort.epoch = epoch
         case sm.Rebuild(epoch, members, prefix):
-            cmd.rebuild.groups.CopyFrom(
-                worker_pb2.GroupSpec(
-                    epoch=epoch,
-                    store_host=coordinator.config.store_host,
-                    store_port=coordinator.store_port,
-                    store_prefix=prefix,
-                    members=list(members),
-                    timeout_ms=int(coordinator.config.group_timeout_s * 1000),
-                )
-            )
+            cmd.rebuild.groups.CopyFrom(_group_spec(coordinator, epoch, members, prefix))
         case sm.Prefetch(plan, epoch, members, prefix):
             cmd.prefetch.plan.CopyFrom(plan.to_proto())
-            cmd.prefetch.groups.CopyFrom(
-                worker_pb2.GroupSpec(
-                    epoch=epoch,
-                    store_host=coordinator.config.store_host,
-                    store_port=coordinator.store_port,
-                    store_prefix=prefix,
-                    members=list(members),
-                    timeout_ms=int(coordinator.config.group_timeout_s * 1000),
-                )
-            )
+            cmd.prefetch.groups.CopyFrom(_group_spec(coordinator, epoch, members, prefix))
         case sm.Resync(plan, source, placement):
             cmd.resync.plan.CopyFrom(plan.to_proto())
             cmd.resync.metadata_source = source

@@ -405,13 +405,7 @@ def thread_cluster(
         wait_until(lambda: coord.phase() == "steady", 30, "the cluster to form")
         yield coord, ranks
     finally:
-        # Stopped together, as a cluster shut down is: one at a time, each stop
-        # would start a shrink among the rest.
-        stoppers = [threading.Thread(target=_stop_quietly, args=(r,)) for r in ranks.values()]
-        for t in stoppers:
-            t.start()
-        for t in stoppers:
-            t.join()
+        stop_together(ranks)
         for proxy in coord.proxies.values():
             proxy.close()
         coord.stop()
@@ -435,6 +429,16 @@ def held_lease(etcd: str, cluster: str, rank: int) -> Iterator[int]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def stop_together(ranks: dict[int, ThreadRank]) -> None:
+    """Stop every rank at once, as a cluster is shut down: one at a time, each
+    stop would start a shrink among the rest."""
+    stoppers = [threading.Thread(target=_stop_quietly, args=(r,)) for r in ranks.values()]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join()
 
 
 def _stop_quietly(rank: ThreadRank) -> None:

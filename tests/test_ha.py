@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from coordinator.cluster_store import ClusterStore, StaleWrite
 from coordinator.election import LeaderLease, campaign, read_leader
 from epctl.local_etcd import LocalEtcd
 from protos.ep_recovery.v1 import admin_pb2
-from tests.agent_harness import CoordinatorProcess, ThreadRank, wait_until
+from tests.agent_harness import CoordinatorProcess, ThreadRank, stop_together, wait_until
 
 WORLD = 4
 TTL = ("--leader-ttl-s", "1")
@@ -101,18 +100,6 @@ def _record(etcd: str, cluster: str) -> tuple[dict[str, Any], int]:
     return asyncio.run(read())
 
 
-def _stop_all(ranks: dict[int, ThreadRank]) -> None:
-    def stop(rank: ThreadRank) -> None:
-        with contextlib.suppress(BaseException):
-            rank.stop()
-
-    threads = [threading.Thread(target=stop, args=(r,)) for r in ranks.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 def test_the_standby_takes_over_and_agents_follow_the_leader_key(
     tmp_path: Path, etcd: str, cluster_name: str
 ) -> None:
@@ -162,7 +149,7 @@ def test_the_standby_takes_over_and_agents_follow_the_leader_key(
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- new leader log ---\n{second.log_tail()}") from exc
     finally:
-        _stop_all(ranks)
+        stop_together(ranks)
         first.stop()
         second.stop()
 

@@ -253,15 +253,7 @@ class WorkerAgent:
             case "abort":
                 self._ack(order, halted=worker_pb2.Halted(last_completed=iteration))
             case "rebuild":
-                g = cmd.rebuild.groups
-                spec = GroupSpec(
-                    epoch=g.epoch,
-                    store_host=g.store_host,
-                    store_port=g.store_port,
-                    store_prefix=g.store_prefix,
-                    members=tuple(g.members),
-                    timeout_s=g.timeout_ms / 1000.0,
-                )
+                spec = _group_spec(cmd.rebuild.groups)
                 started = time.perf_counter()
                 release_in_background(self, "_group")
                 self._group = build_gloo_group(
@@ -331,15 +323,7 @@ class WorkerAgent:
     def _prefetch(self, order: _Order) -> None:
         """Carry out a Prefetch: this rank's part of the plan on the staging group."""
         cmd = order.command.prefetch
-        g = cmd.groups
-        spec = GroupSpec(
-            epoch=g.epoch,
-            store_host=g.store_host,
-            store_port=g.store_port,
-            store_prefix=g.store_prefix,
-            members=tuple(g.members),
-            timeout_s=g.timeout_ms / 1000.0,
-        )
+        spec = _group_spec(cmd.groups)
         plan = TransferPlan.from_proto(cmd.plan)
         superseded = self._superseded_by_newer(order)
         started = time.perf_counter()
@@ -649,6 +633,17 @@ class WorkerAgent:
         if reached >= target:
             self._ack(order, past_target=worker_pb2.PastTarget(iteration=reached))
         self._inbox.put(_WAKE)
+
+
+def _group_spec(g: worker_pb2.GroupSpec) -> GroupSpec:
+    return GroupSpec(
+        epoch=g.epoch,
+        store_host=g.store_host,
+        store_port=g.store_port,
+        store_prefix=g.store_prefix,
+        members=tuple(g.members),
+        timeout_s=g.timeout_ms / 1000.0,
+    )
 
 
 @dataclass(frozen=True)
