@@ -349,7 +349,13 @@ def test_a_rank_stuck_with_its_lease_alive_is_declared_hung_and_rejoins(
     # block in the next all-reduce until the group timeout (5 s here) and
     # report failed steps; rank 1 has not moved for the hang timeout: hung.
     hang = ("--hang-timeout-s", "2")
-    with thread_cluster(tmp_path, etcd, cluster_name, WORLD, *hang) as (coord, ranks):
+    # Rank 1's lease must outlive the hang (the scenario's premise): with the
+    # default 1 s TTL, a keepalive starved on a loaded CI host let the lease
+    # find it first.
+    options = {1: {"lease_ttl_s": 30}}
+    with thread_cluster(
+        tmp_path, etcd, cluster_name, WORLD, *hang, agent_options=lambda r: options.get(r, {})
+    ) as (coord, ranks):
         stuck = ranks[1]
         try:
             stuck.adapter.hang.set()
