@@ -686,6 +686,9 @@ class RecoveryStateMachine:
         # that, together with a broken session, confirms a death before the
         # lease ends.
         self._step_failures: dict[int, float] = {}
+        # When the first of them arrived: the lockstep hang check waits for
+        # the stragglers' reports before it trusts who did not fail.
+        self._first_step_failure_at: float | None = None
         self._out: list[Action] = []
         self._now = 0.0
         self._last_record: ClusterRecord | None = None
@@ -1012,11 +1015,16 @@ class RecoveryStateMachine:
             return
         if self.op is not None and self.op.kind == OpKind.SHRINK:
             return  # the shrink's own Abort made the step fail: no evidence (BUG-6)
-        self._step_failures[ev.rank] = self._now
+        self._note_step_failure(ev.rank)
         for rank in self.members:
             view = self.ranks.get(rank)
             if view and view.suspected_at is not None and not view.failed:
                 self._confirm_failed(rank, "session closed and peers' collectives failed")
+
+    def _note_step_failure(self, rank: int) -> None:
+        self._step_failures[rank] = self._now
+        if self._first_step_failure_at is None:
+            self._first_step_failure_at = self._now
 
     def _confirm_failed(self, rank: int, reason: str) -> None:
         if not self._mark_failed(rank, reason):
@@ -1291,12 +1299,18 @@ class RecoveryStateMachine:
         iterations = {r: v.progress.iteration for r, v in live.items() if v.progress}
         furthest = max(iterations.values())
         failed_steps = {r for r in self._step_failures if r in live}
+        # Peers blocked on the stuck rank time out together, but their reports
+        # reach us spread out (a loaded host, a slow link): until the first is
+        # `limit` old, a peer whose report is still on its way looks as silent
+        # as the stuck rank.
+        first = self._first_step_failure_at
+        lockstep_evidence = bool(failed_steps) and first is not None and self._now - first > limit
         hung = [
             rank
             for rank, view in sorted(live.items())
             if silent_for(view) > limit
             and rank not in failed_steps
-            and (furthest > iterations[rank] + 1 or failed_steps)
+            and (furthest > iterations[rank] + 1 or lockstep_evidence)
         ]
         if len(hung) == len(live):
             return  # everyone: that is the cluster idling, or no one to trust
@@ -1417,6 +1431,7 @@ class RecoveryStateMachine:
             self.epoch = op.target_epoch
             self.members = op.participants
             self._step_failures.clear()
+            self._first_step_failure_at = None
             for rank in op.joining:  # members from now on (BUG-2)
                 self.joiners.discard(rank)
                 self.ranks[rank].ready = False
@@ -1621,7 +1636,7 @@ class RecoveryStateMachine:
                 RankDone(op.op_id, ev.rank, op.step, op.command_sent_at, self._now, "failed")
             )
             # Evidence, not a verdict: the culprit is usually a peer that died.
-            self._step_failures[ev.rank] = self._now
+            self._note_step_failure(ev.rank)
             # Nothing else will arrive for this step: roll back (BUG-5).
             self._abandon(f"rank {ev.rank} failed {op.step}: {reply.message}")
             return

@@ -523,6 +523,26 @@ def test_in_lockstep_the_member_whose_step_did_not_fail_is_the_hung_one() -> Non
     assert d.machine.phase == Phase.HALTING
 
 
+def test_a_peer_whose_failure_report_is_late_is_not_taken_for_the_hung_one() -> None:
+    # Ranks 0 and 1 report their timed-out collective; rank 3's report is
+    # still on its way (a loaded host). Rank 3 is as silent as the stuck rank
+    # 2 but must not be failed with it: the check waits for the stragglers.
+    d = Driver(4)
+    d.form()
+    _run_to(d, {r: 10 for r in range(4)}, 0.1)
+    d.now += DEFAULT_HANG_TIMEOUT_S + 1  # everyone silent, nobody failed yet
+    assert d.handle(Tick()) == []
+    for rank in (0, 1):
+        d.handle(StepFailed(rank, d.sessions[rank], d.machine.epoch, 10, "gloo timeout"))
+    d.now += DEFAULT_HANG_TIMEOUT_S / 2
+    assert d.handle(Tick()) == []  # the reports are too fresh to trust yet
+    d.handle(StepFailed(3, d.sessions[3], d.machine.epoch, 10, "gloo timeout"))
+    d.now += DEFAULT_HANG_TIMEOUT_S / 2 + 1
+    out = d.handle(Tick())
+    assert [f.rank for f in of_type(out, RankFailed)] == [2]
+    assert d.machine.phase == Phase.HALTING
+
+
 def test_an_idle_cluster_is_not_hung_and_the_check_can_be_off() -> None:
     d = Driver(4)
     d.form()
