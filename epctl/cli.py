@@ -83,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--list-phases", action="store_true", help="print the phase names, in timeline order"
     )
 
+    soak = sub.add_parser(
+        "soak", help="a local cluster under random rank and leader kills for M minutes, report"
+    )
+    soak.add_argument(
+        "--minutes", type=_positive_float, required=True, help="how long to inject faults"
+    )
+    soak.add_argument("--seed", type=int, default=1, help="fixes the schedule of faults")
+    soak.add_argument(
+        "--cycles", type=_positive_int, help="stop after this many cycles (replaying a seed)"
+    )
+    soak.add_argument("--ranks", type=int, default=4, help="ranks in the cluster (default 4)")
+    soak.add_argument("--ranks-per-node", type=int, default=1, help="ranks sharing a node")
+    soak.add_argument(
+        "--requests-per-cycle", type=_positive_int, default=8, help="requests sent each cycle"
+    )
+    soak.add_argument("--workdir", type=Path, help="keep logs and files here")
+    soak.add_argument("--json", action="store_true", help="print the report as JSON (last line)")
+    soak.add_argument("--verbose", action="store_true", help="show every phase, not only cycles")
+
     from epctl.admin import add_connection_args
 
     status = sub.add_parser("status", help="show a coordinator's view of its cluster")
@@ -135,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -149,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "soak":
+        return _soak(args)
     if args.command == "bench":
         return bench.cli.run(args)
     from epctl import admin
@@ -173,19 +204,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from epctl.demo import DemoError, DemoOptions, check_kills, render_report, report_ok, run_demo
+    from epctl.demo import DemoOptions, check_kills, render_report, report_ok, run_demo
     from epctl.faults import PHASES, parse_fault
+    from epctl.local_cluster import ClusterError
 
     if args.list_phases:
         sys.stdout.write("".join(f"{phase}\n" for phase in PHASES))
         return EXIT_OK
-    if args.ranks < 2:
-        sys.stderr.write("epctl demo: --ranks must be at least 2\n")
-        return EXIT_USAGE
-    if args.ranks_per_node < 1 or args.ranks % args.ranks_per_node:
-        sys.stderr.write(
-            f"epctl demo: --ranks-per-node {args.ranks_per_node} must divide --ranks {args.ranks}\n"
-        )
+    error = _cluster_shape_error("demo", args.ranks, args.ranks_per_node)
+    if error:
+        sys.stderr.write(error)
         return EXIT_USAGE
     try:
         faults = [parse_fault(text, args.ranks) for text in args.fault]
@@ -214,7 +242,7 @@ def _demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("epctl demo: interrupted; everything it started was stopped\n")
         return 130
-    except (DemoError, ValueError) as exc:
+    except (ClusterError, ValueError) as exc:
         sys.stderr.write(f"epctl demo: {exc}\n")
         return EXIT_FAILED
     if args.json:
@@ -222,6 +250,56 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         render_report(report, sys.stdout)
     return EXIT_OK if report_ok(report) else EXIT_FAILED
+
+
+def _cluster_shape_error(command: str, ranks: int, ranks_per_node: int) -> str | None:
+    if ranks < 2:
+        return f"epctl {command}: --ranks must be at least 2\n"
+    if ranks_per_node < 1 or ranks % ranks_per_node:
+        return f"epctl {command}: --ranks-per-node {ranks_per_node} must divide --ranks {ranks}\n"
+    return None
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from epctl.local_cluster import ClusterError, expert_lost_with
+    from epctl.soak import SoakOptions, render_soak, run_soak, soak_ok
+
+    error = _cluster_shape_error("soak", args.ranks, args.ranks_per_node)
+    if error:
+        sys.stderr.write(error)
+        return EXIT_USAGE
+    for rank in range(args.ranks):
+        expert = expert_lost_with(args.ranks, args.ranks_per_node, args.seed, {rank})
+        if expert is not None:
+            sys.stderr.write(
+                f"epctl soak: losing rank {rank} would lose every replica of expert {expert}; "
+                "the soak needs a placement that survives any one rank (more --ranks)\n"
+            )
+            return EXIT_USAGE
+    opts = SoakOptions(
+        minutes=args.minutes,
+        seed=args.seed,
+        max_cycles=args.cycles,
+        ranks=args.ranks,
+        ranks_per_node=args.ranks_per_node,
+        requests_per_cycle=args.requests_per_cycle,
+        json_output=args.json,
+        verbose=args.verbose,
+        workdir=args.workdir,
+    )
+    try:
+        report = run_soak(opts, sys.stdout)
+    except KeyboardInterrupt:
+        sys.stderr.write("epctl soak: interrupted; everything it started was stopped\n")
+        return 130
+    except ClusterError as exc:
+        sys.stderr.write(f"epctl soak: {exc}\n")
+        return EXIT_FAILED
+    if args.json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        render_soak(report, sys.stdout)
+    return EXIT_OK if soak_ok(report) else EXIT_FAILED
 
 
 def _status(args: argparse.Namespace) -> int:

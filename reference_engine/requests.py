@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -21,12 +23,12 @@ class Request:
 
 def make_requests(seed: int, count: int, vocab_size: int = 64) -> list[Request]:
     """`count` requests with ids 0..count-1, prompts of 3..8 tokens, 4..12 new tokens."""
+    return list(itertools.islice(request_stream(seed, vocab_size), count))
+
+
+def request_stream(seed: int, vocab_size: int = 64) -> Iterator[Request]:
+    """The endless sequence `make_requests` takes its first `count` from."""
     rng = random.Random(seed)
-    return [
-        Request(
-            id=i,
-            prompt=tuple(rng.randrange(vocab_size) for _ in range(rng.randint(3, 8))),
-            max_new_tokens=rng.randint(4, 12),
-        )
-        for i in range(count)
-    ]
+    for i in itertools.count():
+        prompt = tuple(rng.randrange(vocab_size) for _ in range(rng.randint(3, 8)))
+        yield Request(id=i, prompt=prompt, max_new_tokens=rng.randint(4, 12))

@@ -1,16 +1,9 @@
-"""`epctl demo` end to end: real etcd, coordinator and rank processes, as a user runs it.
-
-Each demo runs with TMPDIR pointed into the test's directory, so everything it
-creates (its etcd data dir, checkpoint, ready file) is named under that path:
-after the demo exits, no process may still mention it and the directory must
-be empty again.
-"""
+"""`epctl demo` end to end: real etcd, coordinator and rank processes, as a user
+runs it; no process or file may outlive a run (tests/epctl_runs.py)."""
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,54 +13,14 @@ from typing import Any
 
 import pytest
 
+from coordinator.state_machine import DEFAULT_DEADLINES_S, Phase
+from tests.epctl_runs import epctl_env, last_json, pids_mentioning, run_epctl
+
 GROW_PHASES = ["admitting", "pausing", "rebuilding", "resyncing", "resuming"]
 
 
-def _pids_mentioning(path: Path) -> list[int]:
-    found = []
-    needle = str(path).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue  # exited while we looked
-    return found
-
-
-def _demo_env(tmp: Path) -> dict[str, str]:
-    tmp.mkdir()
-    return {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
-
-
 def _run_demo(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[int, str, str]:
-    tmp = tmp_path / "tmp"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "epctl.cli", "demo", *args],
-        env=_demo_env(tmp),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert _pids_mentioning(tmp) == [], "the demo left processes behind"
-    assert list(tmp.iterdir()) == [], "the demo left files in its temporary dir"
-    return proc.returncode, out, err
-
-
-def _last_json(out: str) -> dict[str, Any]:
-    lines = out.strip().splitlines()
-    assert lines, "no output"
-    report = json.loads(lines[-1])
-    assert isinstance(report, dict)
-    return report
+    return run_epctl(tmp_path, "demo", *args, timeout=timeout)
 
 
 def _check_served_everything(report: dict[str, Any], ranks: int) -> None:
@@ -91,7 +44,7 @@ def _grow_sequences(timeline: list[dict[str, Any]]) -> int:
 def test_kill_one_rank_and_rejoin_it_json_contract(tmp_path: Path) -> None:
     rc, out, err = _run_demo(tmp_path, "--json")
     assert rc == 0, err[-3000:]
-    report = _last_json(out)
+    report = last_json(out)
     _check_served_everything(report, 4)
 
     assert [f["rank"] for f in report["failures"]] == [1]
@@ -116,7 +69,7 @@ def test_kill_rank_0_then_a_whole_node(tmp_path: Path) -> None:
         tmp_path, "--json", "--ranks-per-node", "2", "--kill", "0", "--kill", "2,3"
     )
     assert rc == 0, err[-3000:]
-    report = _last_json(out)
+    report = last_json(out)
     _check_served_everything(report, 4)
     assert sorted(f["rank"] for f in report["failures"]) == [0, 2, 3]
     # one admission per rank, each listed once
@@ -160,7 +113,7 @@ def test_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
     tmp = tmp_path / "tmp"
     proc = subprocess.Popen(
         [sys.executable, "-m", "epctl.cli", "demo"],
-        env=_demo_env(tmp),
+        env=epctl_env(tmp),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -177,7 +130,7 @@ def test_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
             if line.startswith("cluster formed"):
                 break
         assert seen and seen[-1].startswith("cluster formed"), "".join(seen)
-        assert _pids_mentioning(tmp), "the running demo should own processes under its TMPDIR"
+        assert pids_mentioning(tmp), "the running demo should own processes under its TMPDIR"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -186,7 +139,7 @@ def test_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
             proc.communicate()
     assert proc.returncode == 130
     assert "interrupted" in err
-    assert _pids_mentioning(tmp) == []
+    assert pids_mentioning(tmp) == []
     assert list(tmp.iterdir()) == []
 
 
@@ -214,12 +167,19 @@ def _check_fault_cell(
 ) -> None:
     rc, out, err = _run_demo(tmp_path, "--json", "--requests", "24", "--fault", fault, timeout=600)
     assert rc == 0, err[-3000:]
-    report = _last_json(out)
+    report = last_json(out)
     _check_served_everything(report, 4)
     [injected] = report["faults"]
     assert injected["fault"] == fault and injected["fired"] is True
     assert injected["phase_at_fire"] == fault.rpartition("@")[2]
     assert injected["resolution"] in resolutions, injected
+    if injected["fault"].startswith("coordinator@"):
+        # The new leader ends the admission it took over within one leader
+        # lease (the demo's is 2 s) plus that phase's deadline.
+        assert injected["op_outcome"] in ("completed", "rolled_back"), injected
+        limit_s = DEFAULT_DEADLINES_S[Phase(injected["phase_at_fire"])]
+        if limit_s is not None:
+            assert injected["resolved_ms"] <= (2 + limit_s) * 1000, injected
     # Completed admissions only, one entry per rank.
     assert [r["rank"] for r in report["rejoins"]] == rejoined
 
