@@ -328,6 +328,10 @@ class Hold:
 
 @dataclass(frozen=True)
 class Abort:
+    """Give up every collective and group build of epochs up to `epoch`: the
+    operation's target epoch less one, so a build for an abandoned operation's
+    epoch (above the committed one) is released too."""
+
     epoch: int
 
 
@@ -1457,7 +1461,7 @@ class RecoveryStateMachine:
                 op.hold_iteration = target
                 return Hold(target), op.hold_ranks
             case Step.ABORT:
-                return Abort(self.epoch), op.survivors
+                return Abort(op.target_epoch - 1), op.survivors
             case Step.PREFETCH:
                 assert op.plan is not None
                 members = tuple(sorted({t.src_rank for t in op.plan.transfers} | set(op.joining)))
@@ -1549,9 +1553,19 @@ class RecoveryStateMachine:
         committed = op.step == Step.RESUME
         # A drain rolled back before its commit leaves its rank a member.
         left = op.leaving if committed or op.kind != OpKind.DRAIN else ()
+        # Past the commit its joiners are members: they joined, whatever came after.
+        joined = op.joining if committed else ()
         self._emit(
             OperationEnded(
-                op.op_id, op.kind, "rolled_back", self.epoch, (), left, 0.0, reason, at=self._now
+                op.op_id,
+                op.kind,
+                "rolled_back",
+                self.epoch,
+                joined,
+                left,
+                0.0,
+                reason,
+                at=self._now,
             )
         )
         if op.step not in (Step.WAIT_READY, Step.RESUME):

@@ -123,7 +123,7 @@ class StatusWatcher:
         leader: Callable[[], str | None],
         show: Callable[[str], None],
         t0_unix_ms: float,
-        on_phase: Callable[[str, admin_pb2.ClusterStatus], None] | None = None,
+        on_phase: Callable[[admin_pb2.PhaseSpan, admin_pb2.ClusterStatus], None] | None = None,
     ) -> None:
         self._leader = leader
         self._show = show
@@ -134,6 +134,8 @@ class StatusWatcher:
         self.endpoint: str | None = None
         self.operations: dict[str, admin_pb2.OperationSummary] = {}
         self.failures: dict[tuple[int, float], admin_pb2.FailureRecord] = {}
+        # Every process incarnation seen for each rank.
+        self.incarnations: dict[int, set[str]] = {}
         self.timeline: list[admin_pb2.PhaseSpan] = []
         self._seen_spans = 0
         self._channel: grpc.Channel | None = None
@@ -172,6 +174,9 @@ class StatusWatcher:
             self.operations[op.op_id] = op
         for f in status.failures:
             self.failures[(f.rank, f.confirmed_unix_ms)] = f
+        for r in status.ranks:
+            if r.incarnation:
+                self.incarnations.setdefault(r.rank, set()).add(r.incarnation)
         spans = list(status.timeline)
         for span in spans[self._seen_spans :]:
             self.timeline.append(span)
@@ -181,7 +186,7 @@ class StatusWatcher:
                 + (f"  ({span.op_id})" if span.op_id else "")
             )
             if self._on_phase is not None:
-                self._on_phase(PHASE_NAME[span.phase], status)
+                self._on_phase(span, status)
         self._seen_spans = len(spans)
         self.status, self.status_from = status, self.endpoint
 
@@ -240,22 +245,33 @@ class FaultInjector:
             left, self.pending = self.pending, []
             return left
 
-    def on_phase(self, phase: str, status: admin_pb2.ClusterStatus) -> None:
+    def on_phase(self, span: admin_pb2.PhaseSpan, status: admin_pb2.ClusterStatus) -> None:
         if not self._armed:
             return
+        phase = PHASE_NAME[span.phase]
         with self._lock:
             for fault in [f for f in self.pending if f.phase == phase]:
-                if self._fire(fault, phase, status) is not None:
+                if self._fire(fault, phase, span.op_id, status) is not None:
                     self.pending.remove(fault)
 
     def fire_now(self, fault: Fault, status: admin_pb2.ClusterStatus) -> FiredFault | None:
+        op_id = status.operation.op_id if status.HasField("operation") else ""
         with self._lock:
-            return self._fire(fault, PHASE_NAME[status.phase], status)
+            return self._fire(fault, PHASE_NAME[status.phase], op_id, status)
 
-    def _fire(self, fault: Fault, phase: str, status: admin_pb2.ClusterStatus) -> FiredFault | None:
-        """Inject `fault`; None when it has no target in this phase (no joiner
-        yet): a pending one waits for the phase's next turn."""
-        op = status.operation if status.HasField("operation") else None
+    def _fire(
+        self, fault: Fault, phase: str, op_id: str, status: admin_pb2.ClusterStatus
+    ) -> FiredFault | None:
+        """Inject `fault` in `phase` of operation `op_id`; None when it has no
+        target (no joiner yet): a pending one waits for the phase's next turn.
+        `status` may be newer than the phase (a phase of a few milliseconds)."""
+        # Its joiners: from the operation in flight, or from its summary when
+        # it ended before this status was taken.
+        joining: list[int] = []
+        if status.HasField("operation") and op_id and status.operation.op_id == op_id:
+            joining = list(status.operation.joining)
+        elif summary := next((o for o in status.operations if op_id and o.op_id == op_id), None):
+            joining = list(summary.joining)
         names: list[str] = []
         ranks: list[int] = []
         match fault.target:
@@ -264,7 +280,7 @@ class FaultInjector:
                 ranks = [fault.rank]
                 names = [f"rank{fault.rank}"]
             case "joiner":
-                ranks = list(op.joining) if op is not None else []
+                ranks = joining
                 names = [f"rank{r}" for r in ranks]
             case "coordinator":
                 leader = self._leader_name()
@@ -272,7 +288,7 @@ class FaultInjector:
         if fault.target != "etcd" and not names:
             return None
         now = time.time() * 1000.0
-        fired = FiredFault(fault, phase, op.op_id if op else "", ranks, now)
+        fired = FiredFault(fault, phase, op_id, ranks, now)
         self.fired.append(fired)
         if fault.target == "etcd":
             assert self._etcd is not None
@@ -338,6 +354,9 @@ class LocalCluster:
         # Ranks that died (killed, or exited: declared hung, lease lost) and
         # are not yet admitted again, with when they died.
         self.lost_at: dict[int, float] = {}
+        # Each rank's last relaunch: when, and the incarnations seen before it
+        # (all of dead processes).
+        self.relaunched: dict[int, tuple[float, frozenset[str]]] = {}
 
     def close(self) -> None:
         self.watcher.close()
@@ -439,6 +458,8 @@ class LocalCluster:
                 continue
             self.lost_at.setdefault(rank, time.time() * 1000.0)
             if self.rank_state(rank) in GONE:
+                dead = frozenset(self.watcher.incarnations.get(rank, ()))
+                self.relaunched[rank] = (time.time() * 1000.0, dead)
                 self.procs.start(name, self.rank_argv(rank, rejoin=True))
                 self.trace(f"relaunched rank {rank} with --rejoin")
         for name in self.coordinators:
@@ -446,21 +467,32 @@ class LocalCluster:
                 self.start_coordinator(name)  # back as a standby, as systemd would
                 self.trace(f"restarted {name}")
 
-    def admitted_since(self, rank: int, since_ms: float) -> bool:
-        # Begun after the loss: an admission that completes just after its
-        # joiner was killed (the acks were in) did not bring that process back.
-        return any(
-            op.kind == "grow" and op.outcome == "completed" and rank in op.joined
-            for op in self.watcher.operations.values()
-            if op.start_unix_ms > since_ms
+    def is_back(self, rank: int) -> bool:
+        """A process relaunched after the rank's loss serves as a member.
+
+        Judged by incarnation, not by the admission's record: an admission that
+        completes just after its joiner was killed did not bring that process
+        back, and one that completed just before a leader died may be missing
+        from the new leader's history."""
+        relaunch = self.relaunched.get(rank)
+        if relaunch is None or relaunch[0] <= self.lost_at.get(rank, 0.0):
+            return False
+        status = self.status()
+        view = next((r for r in status.ranks if r.rank == rank), None)
+        return (
+            view is not None
+            and rank in status.members
+            and view.state == admin_pb2.RANK_STATE_SERVING
+            and bool(view.incarnation)
+            and view.incarnation not in relaunch[1]
         )
 
     def settled(self) -> bool:
         """One supervisor pass; then: every lost rank admitted again, nothing
         stopped, the cluster steady with all its ranks."""
         self.supervise()
-        for rank, at in list(self.lost_at.items()):
-            if self.admitted_since(rank, at):
+        for rank in list(self.lost_at):
+            if self.is_back(rank):
                 del self.lost_at[rank]
         status = self.status()
         return (
@@ -602,12 +634,13 @@ def detected_failures(
 
 
 def rejoins_report(cluster: LocalCluster) -> list[dict[str, Any]]:
-    """Completed admissions, the last one per rank."""
+    """Admissions that made their joiners members (completed, or rolled back
+    after the commit), the last one per rank."""
     rejoins: dict[int, dict[str, Any]] = {}
     for op in sorted(cluster.watcher.operations.values(), key=lambda o: o.end_unix_ms):
-        if op.kind == "grow" and op.outcome == "completed":
+        if op.kind == "grow":
             for r in op.joined:
-                rejoins[r] = {"rank": r, "stall_ms": round(op.stall_ms, 2)}
+                rejoins[r] = {"rank": r, "stall_ms": round(op.stall_ms, 2), "outcome": op.outcome}
     return [rejoins[r] for r in sorted(rejoins)]
 
 

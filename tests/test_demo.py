@@ -166,8 +166,9 @@ def _check_fault_cell(
     tmp_path: Path, fault: str, resolutions: set[str], rejoined: list[int]
 ) -> None:
     rc, out, err = _run_demo(tmp_path, "--json", "--requests", "24", "--fault", fault, timeout=600)
-    assert rc == 0, err[-3000:]
+    assert out.strip(), err[-3000:]
     report = last_json(out)
+    assert rc == 0, f"{err[-3000:]}\n{report}"
     _check_served_everything(report, 4)
     [injected] = report["faults"]
     assert injected["fault"] == fault and injected["fired"] is True

@@ -479,6 +479,23 @@ def test_a_survivor_silent_past_the_pause_deadline_is_declared_hung() -> None:
     assert d.machine.phase == Phase.HALTING
 
 
+def test_a_rollback_in_rebuilding_releases_the_abandoned_epochs_group_builds() -> None:
+    # A survivor dies while the others build the admission's groups (epoch 3);
+    # they wait in that build for it. The rollback's Abort must cover epoch 3,
+    # not only the committed epoch 2, or they wait out the group timeout and
+    # miss the halting deadline (seen in the soak: the whole cluster failed).
+    d = Driver(4)
+    d.form()
+    holds = d.pause_for(3)
+    rebuilds = sent(d.ack_all(holds, lambda s: Held(s.command.iteration)), Rebuild)
+    assert {s.command.epoch for s in rebuilds} == {3}
+    out = d.kill(1)
+    aborts = sent(out, Abort)
+    assert sorted(s.rank for s in aborts) == [0, 2]
+    assert {s.command.epoch for s in aborts} == {3}
+    assert all(s.epoch == 4 for s in aborts)
+
+
 def _run_to(d: Driver, iterations: dict[int, int], seconds: float) -> None:
     """Each rank in `iterations` reports its way there, spread over `seconds`."""
     for step in range(1, 11):
@@ -629,10 +646,11 @@ def test_a_new_coordinator_rolls_back_an_admission_in_flight_under_its_id() -> N
     assert "coordinator restarted during pausing" in ended.reason
     assert d.machine.phase == Phase.HALTING  # survivors (maybe held) rebuild epoch 2's set
     assert d.machine.members == (0, 1, 2)
-    # The abort reaches each survivor when it reconnects.
+    # The abort reaches each survivor when it reconnects; it covers the
+    # abandoned admission's epoch (3) too, whose groups may be half built.
     for r in (0, 1, 2):
         out = d.register(r, incarnation=d.incarnations[r])
-        assert [s.command for s in sent(out)] == [Abort(2)]
+        assert [s.command for s in sent(out)] == [Abort(3)]
         d.ack(sent(out)[0], Halted(7))
     assert d.machine.phase == Phase.SHRINKING
 
@@ -2053,7 +2071,9 @@ class ClusterSim(RuleBasedStateMachine):
                     holds.append((send.command_id, iteration))
             case Abort(epoch):
                 assert send.rank in survivors
-                assert epoch == after.epoch
+                # Every epoch below the operation's: the committed one and
+                # any abandoned operation's, whose groups may be half built.
+                assert epoch == send.epoch - 1 >= after.epoch
                 self.aborts[send.op_id] = send.command_id
             case Rebuild(epoch, members, prefix):
                 assert send.rank in participants
