@@ -596,6 +596,10 @@ class RankView:
     progress: ProgressSample | None = None
     last_seen: float = 0.0
     suspected_at: float | None = None
+    # Its session closed while this coordinator led. A member restored from
+    # the record is suspect too until it reconnects, but its silence is the
+    # take-over's, not evidence of a death.
+    session_closed: bool = False
     failed: bool = False
     ready: bool = False
 
@@ -961,6 +965,7 @@ class RecoveryStateMachine:
         view.session = ev.session
         view.lease_id = ev.lease_id
         view.suspected_at = None
+        view.session_closed = False
         view.last_seen = self._now
         role = Role.JOINER if ev.rank in self.joiners else Role.MEMBER
         self._emit(Accept(ev.rank, ev.session, role, self.epoch))
@@ -990,6 +995,7 @@ class RecoveryStateMachine:
             return self._confirm_failed(ev.rank, "session closed before admission")
         if ev.rank in self.members:
             view.suspected_at = self._now
+            view.session_closed = True
             # A peer's step that failed just before is the other half of the
             # evidence: a SIGKILLed rank's peers often report within the same
             # millisecond as its broken session. An older failure does not
@@ -1022,7 +1028,7 @@ class RecoveryStateMachine:
         self._note_step_failure(ev.rank)
         for rank in self.members:
             view = self.ranks.get(rank)
-            if view and view.suspected_at is not None and not view.failed:
+            if view and view.session_closed and not view.failed:
                 self._confirm_failed(rank, "session closed and peers' collectives failed")
 
     def _note_step_failure(self, rank: int) -> None:
@@ -1053,6 +1059,7 @@ class RecoveryStateMachine:
         view.ready = False
         self._emit(RankFailed(rank, reason, view.suspected_at, self._now))
         view.suspected_at = None
+        view.session_closed = False
         self.joiners.discard(rank)
         return True
 
@@ -1183,7 +1190,7 @@ class RecoveryStateMachine:
                 Code.FAILED_PRECONDITION,
                 f"rank {rank} is the last member; draining it would leave nobody serving",
             )
-        lost = self._unplaced_without(rank)
+        lost = self._unplaced_on(r for r in self.members if r != rank)
         if lost is not None:
             layer, expert = lost
             return AdminAnswered(
@@ -1198,14 +1205,13 @@ class RecoveryStateMachine:
             request_id, None, f"draining rank {rank} (operation {op.op_id!r})", op_id=op.op_id
         )
 
-    def _unplaced_without(self, rank: int) -> tuple[int, int] | None:
-        """A (layer, expert) that only `rank` holds among the members, if any:
-        without it the survivors could not serve that expert, nor hand it to a
-        joiner later."""
+    def _unplaced_on(self, ranks: Iterable[int]) -> tuple[int, int] | None:
+        """A (layer, expert) none of `ranks` holds, if any: with only them the
+        cluster could not serve that expert, nor hand it to a joiner later."""
         placement = self.placement
         if placement is None:
             return None
-        rest = [r for r in self.members if r != rank]
+        rest = list(ranks)
         for layer, slot_expert in enumerate(placement.layers):
             held = {slot_expert[s] for r in rest for s in placement.slots_of_rank(r)}
             missing = sorted(set(slot_expert) - held)
@@ -1390,14 +1396,31 @@ class RecoveryStateMachine:
             if not self.ranks.get(r, RankView()).failed and r not in self.joiners
         ]
         if not survivors:
-            self._cluster_lost()
+            self._cluster_lost("every member of the cluster failed")
+            return
+        unplaced = self._unplaced_on(survivors)
+        if unplaced is not None:
+            # The survivors could neither serve it nor hand it to a joiner: a
+            # shrink would fail at its resume, again and again.
+            layer, expert = unplaced
+            self._cluster_lost(
+                f"expert {expert} of layer {layer} has no replica left on the "
+                f"surviving members {survivors}"
+            )
             return
         self._begin(self._new_op(OpKind.SHRINK, survivors, ()))
 
-    def _cluster_lost(self) -> None:
+    def _cluster_lost(self, why: str) -> None:
         # No member is left to hold the weights: the cluster must be formed anew.
+        message = f"cluster lost: {why}; start every rank again without --rejoin"
+        for rank in self.members:
+            view = self.ranks.get(rank)
+            if view is not None and not view.failed:
+                # A survivor with only part of the experts can serve nothing.
+                self._end_session(rank, message)
+                self._mark_failed(rank, message)
         for rank in sorted(self.joiners):
-            self._send_retry(rank, "every member of the cluster failed; restart the cluster")
+            self._send_retry(rank, message)
         self.joiners.clear()
         self.drained.clear()  # a new formation needs every rank again
         self.members = ()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TextIO
 
 import bench.cli
 from epctl.exits import (
@@ -206,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from epctl.demo import DemoOptions, check_kills, render_report, report_ok, run_demo
     from epctl.faults import PHASES, parse_fault
-    from epctl.local_cluster import ClusterError
 
     if args.list_phases:
         sys.stdout.write("".join(f"{phase}\n" for phase in PHASES))
@@ -237,19 +238,34 @@ def _demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"epctl demo: {exc}\n")
         return EXIT_USAGE
+    return _run_and_report(
+        "demo", lambda: run_demo(opts, sys.stdout), render_report, report_ok, args.json
+    )
+
+
+def _run_and_report(
+    command: str,
+    run: Callable[[], dict[str, Any]],
+    render: Callable[[dict[str, Any], TextIO], None],
+    ok: Callable[[dict[str, Any]], bool],
+    json_output: bool,
+) -> int:
+    """Run a local-cluster command; print its report (JSON last, or rendered)."""
+    from epctl.local_cluster import ClusterError
+
     try:
-        report = run_demo(opts, sys.stdout)
+        report = run()
     except KeyboardInterrupt:
-        sys.stderr.write("epctl demo: interrupted; everything it started was stopped\n")
+        sys.stderr.write(f"epctl {command}: interrupted; everything it started was stopped\n")
         return 130
     except (ClusterError, ValueError) as exc:
-        sys.stderr.write(f"epctl demo: {exc}\n")
+        sys.stderr.write(f"epctl {command}: {exc}\n")
         return EXIT_FAILED
-    if args.json:
+    if json_output:
         sys.stdout.write(json.dumps(report) + "\n")
     else:
-        render_report(report, sys.stdout)
-    return EXIT_OK if report_ok(report) else EXIT_FAILED
+        render(report, sys.stdout)
+    return EXIT_OK if ok(report) else EXIT_FAILED
 
 
 def _cluster_shape_error(command: str, ranks: int, ranks_per_node: int) -> str | None:
@@ -261,7 +277,7 @@ def _cluster_shape_error(command: str, ranks: int, ranks_per_node: int) -> str |
 
 
 def _soak(args: argparse.Namespace) -> int:
-    from epctl.local_cluster import ClusterError, expert_lost_with
+    from epctl.local_cluster import expert_lost_with
     from epctl.soak import SoakOptions, render_soak, run_soak, soak_ok
 
     error = _cluster_shape_error("soak", args.ranks, args.ranks_per_node)
@@ -287,19 +303,9 @@ def _soak(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         workdir=args.workdir,
     )
-    try:
-        report = run_soak(opts, sys.stdout)
-    except KeyboardInterrupt:
-        sys.stderr.write("epctl soak: interrupted; everything it started was stopped\n")
-        return 130
-    except ClusterError as exc:
-        sys.stderr.write(f"epctl soak: {exc}\n")
-        return EXIT_FAILED
-    if args.json:
-        sys.stdout.write(json.dumps(report) + "\n")
-    else:
-        render_soak(report, sys.stdout)
-    return EXIT_OK if soak_ok(report) else EXIT_FAILED
+    return _run_and_report(
+        "soak", lambda: run_soak(opts, sys.stdout), render_soak, soak_ok, args.json
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -489,11 +489,43 @@ def test_a_rollback_in_rebuilding_releases_the_abandoned_epochs_group_builds() -
     holds = d.pause_for(3)
     rebuilds = sent(d.ack_all(holds, lambda s: Held(s.command.iteration)), Rebuild)
     assert {s.command.epoch for s in rebuilds} == {3}
-    out = d.kill(1)
+    out = d.kill(2)
     aborts = sent(out, Abort)
-    assert sorted(s.rank for s in aborts) == [0, 2]
+    assert sorted(s.rank for s in aborts) == [0, 1]
     assert {s.command.epoch for s in aborts} == {3}
     assert all(s.epoch == 4 for s in aborts)
+
+
+def test_survivors_without_every_expert_end_the_cluster_instead_of_shrinking() -> None:
+    # Ranks 0 and 2 hold the only replicas of experts 0 and 1 (the ring
+    # placement). With both gone the survivors can serve nothing: a shrink to
+    # them would fail at its resume, then roll back to another shrink, forever
+    # (seen in the soak: 140 shrinks a second). The cluster is lost instead.
+    d = Driver(4)
+    d.form()
+    d.shrink(d.kill(0), lambda s: 7)
+    out = d.kill(2)
+    assert not sent(out, Abort)
+    assert d.machine.phase == Phase.FORMING and d.machine.members == ()
+    ended = of_type(out, Refuse)
+    assert sorted(r.rank for r in ended) == [1, 3] and all(r.end_session for r in ended)
+    assert "expert 0 of layer 0 has no replica left" in ended[0].message
+    assert sorted(f.rank for f in of_type(out, RankFailed)) == [1, 2, 3]
+
+
+def test_a_member_not_yet_back_after_a_take_over_is_not_convicted_by_a_failed_step() -> None:
+    # After a take-over every member is suspect until it reconnects. One real
+    # death makes its peers' steps fail; that must convict only a member whose
+    # session closed, not every member still on its way to the new leader
+    # (seen in the soak: three of four ranks failed at once).
+    d = Driver(4)
+    d.form()
+    _take_over(d, [0, 1, 2, 3])
+    for r in (0, 2):
+        d.register(r, incarnation=d.incarnations[r])
+    out = d.handle(StepFailed(2, d.sessions[2], d.machine.epoch, 10, "gloo: peer 3 closed"))
+    assert of_type(out, RankFailed) == []
+    assert d.machine.members == (0, 1, 2, 3)
 
 
 def _run_to(d: Driver, iterations: dict[int, int], seconds: float) -> None:
@@ -1411,20 +1443,19 @@ def test_joiner_committed_before_a_survivor_dies_stays_a_member() -> None:
     assert d.machine.op is None and d.machine.phase == Phase.DEGRADED
 
 
-def test_a_joiner_that_cannot_be_planned_is_not_retried_in_a_loop() -> None:
+def test_a_relaunched_rank_of_a_lost_cluster_is_told_to_start_fresh() -> None:
     # 3 ranks x 2 slots, experts 0,1,2: rank 0 {0,1}, rank 1 {2,0}, rank 2 {1,2}.
     d = Driver(3, ring_placement(3, layers=1))
     d.form()
     d.shrink(d.kill(1), lambda s: 5)
-    d.shrink(d.kill(2), lambda s: 6)
-    assert d.machine.record().members == (0,)
-    d.register(1, rejoin=True)
-    out = d.ready(1)  # expert 2 lives on ranks 1, 2 only
-    ended = of_type(out, OperationEnded)
-    assert [e.outcome for e in ended] == ["rolled_back"]
-    assert "expert 2 of layer 0 has no replica on a healthy rank" in ended[0].reason
-    assert not sent(out, Hold)  # the survivor is never paused for a doomed grow
-    assert d.machine.record().last_epoch <= 5
+    out = d.kill(2)  # expert 2 lived on ranks 1 and 2 only
+    assert not sent(out, Abort)  # no shrink to a member set that cannot serve
+    assert d.machine.phase == Phase.FORMING and d.machine.record().members == ()
+    before = d.machine.record()
+    refusal = assert_refused(
+        d, d.register(1, rejoin=True), Code.FAILED_PRECONDITION, end_session=True, before=before
+    )
+    assert "without --rejoin" in refusal.message
 
 
 def test_two_founders_dying_after_the_form_commit_do_not_crash_the_machine() -> None:

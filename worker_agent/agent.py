@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 NEVER = 1 << 62
 # Before admission every boundary takes the slow path.
 ALWAYS = -(1 << 62)
+# `abort_collectives` of every epoch, once the agent is done for.
+EVERY_EPOCH = 1 << 62
 
 REFUSAL_CODES = (
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -392,9 +394,18 @@ class WorkerAgent:
     def _die(self, reason: str) -> None:
         """The agent can no longer speak for this rank: the engine's next
         boundary (or wait) raises AgentStopped, and its supervisor relaunches it."""
+        first = self._fatal is None
         self._fatal = self._fatal or reason
         self._hold_at = ALWAYS
         self._inbox.put(_WAKE)
+        if first:
+            # Nobody waits for this rank any more: release the engine from a
+            # collective it may be blocked in (a SIGSTOPped rank, thawed after
+            # its peers moved on), or it sits there for the group timeout.
+            try:
+                self.adapter.abort_collectives(EVERY_EPOCH)
+            except Exception:
+                log.exception("abort of the engine's collectives failed")
 
     def _send(self, message: worker_pb2.WorkerMessage) -> None:
         loop, outbox = self._loop, self._outbox

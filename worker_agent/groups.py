@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from worker_agent.adapter import GroupSpec, StepAborted
 
 POLL_S = 0.0002
-STORE_CONNECT_POLL_S = 0.005
+T = TypeVar("T")
 
 GLOO = "gloo"
 NCCL = "nccl"
@@ -80,32 +80,17 @@ def epoch_store(spec: GroupSpec, namespace: str, aborted: Callable[[], bool]) ->
     leader's first command (an abort, which makes `aborted` true) at once. A
     connect that is only slow (a loaded host) still gets the whole timeout.
     """
-    outcome: list[dist.TCPStore | BaseException] = []
-
-    def connect() -> None:
-        try:
-            outcome.append(
-                dist.TCPStore(
-                    spec.store_host,
-                    spec.store_port,
-                    is_master=False,
-                    wait_for_workers=False,
-                    timeout=timedelta(seconds=spec.timeout_s),
-                )
-            )
-        except BaseException as exc:  # handed to the caller below
-            outcome.append(exc)
-
-    helper = threading.Thread(target=connect, name="store-connect", daemon=True)
-    helper.start()
-    while helper.is_alive():
-        if aborted():
-            # The helper gives up on its own within the timeout; nothing waits for it.
-            raise StepAborted(f"store connect for the epoch {spec.epoch} group abandoned")
-        helper.join(STORE_CONNECT_POLL_S)
-    base = outcome[0]
-    if isinstance(base, BaseException):
-        raise base
+    base = call_abandonable(
+        lambda: dist.TCPStore(
+            spec.store_host,
+            spec.store_port,
+            is_master=False,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=spec.timeout_s),
+        ),
+        aborted,
+        f"store connect for the epoch {spec.epoch} group",
+    )
     return dist.PrefixStore(f"{spec.store_prefix}{namespace}/", base)
 
 
@@ -127,7 +112,14 @@ def build_gloo_group(
     opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname)]
     opts._timeout = timedelta(seconds=spec.timeout_s)
-    group = dist.ProcessGroupGloo(store, spec.group_rank(rank), len(spec.members), opts)
+    # gloo's own rendezvous waits for every member's address for the whole
+    # timeout: a member that passed the barrier and then died would hold this
+    # rank there, deaf to the rollback's abort (seen in the soak).
+    group = call_abandonable(
+        lambda: dist.ProcessGroupGloo(store, spec.group_rank(rank), len(spec.members), opts),
+        aborted,
+        f"gloo connect of the epoch {spec.epoch} group",
+    )
     # A gloo backend serves the ProcessGroup calls we make (send, recv, broadcast,
     # alltoall_base) directly; the stubs only know them on ProcessGroup.
     return cast(dist.ProcessGroup, group)
@@ -181,7 +173,13 @@ def build_nccl_group(
     backend = dist.ProcessGroupNCCL(store, spec.group_rank(rank), len(spec.members), opts)
     connect = getattr(backend, "eager_connect_single_device", None)
     if connect is not None:
-        _call_abortable(lambda: connect(dev), aborted, f"NCCL connect of epoch {spec.epoch}")
+        what = f"NCCL connect of epoch {spec.epoch}"
+        try:
+            call_abandonable(lambda: connect(dev), aborted, what)
+        except StepAborted:
+            raise
+        except Exception as exc:
+            raise CollectiveFailed(f"{what} failed: {exc}") from exc
     # Like gloo's: the backend serves the ProcessGroup calls made on it.
     return cast(dist.ProcessGroup, backend)
 
@@ -247,24 +245,33 @@ def abort_in_background(
     return thread
 
 
-def _call_abortable(fn: Callable[[], None], aborted: Callable[[], bool], what: str) -> None:
+def call_abandonable(
+    fn: Callable[[], T], aborted: Callable[[], bool], what: str, poll_s: float = 0.001
+) -> T:
+    """`fn()` on a helper thread, polled together with `aborted`: a blocking
+    connect or rendezvous whose peer died must not hold the rank past the
+    next command (an abort makes `aborted` true). On an abort the helper is
+    abandoned (it ends with its own timeout) and StepAborted is raised; else
+    `fn`'s result is returned, or its exception raised."""
     done = threading.Event()
+    outcome: list[T] = []
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            fn()
-        except BaseException as exc:
+            outcome.append(fn())
+        except BaseException as exc:  # handed to the caller below
             failure.append(exc)
         finally:
             done.set()
 
-    threading.Thread(target=run, name="group-connect", daemon=True).start()
-    while not done.wait(0.001):
+    threading.Thread(target=run, name="abandonable", daemon=True).start()
+    while not done.wait(poll_s):
         if aborted():
             raise StepAborted(f"{what} abandoned")
     if failure:
-        raise CollectiveFailed(f"{what} failed: {failure[0]}") from failure[0]
+        raise failure[0]
+    return outcome[0]
 
 
 def wait_p2p(works: list[dist.Work], aborted: Callable[[], bool]) -> None:
