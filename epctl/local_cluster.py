@@ -298,7 +298,7 @@ class FaultInjector:
             self._procs.signal(names, signal.SIGSTOP)
             self.stopped.update(names)
         else:
-            self._procs.signal(names, signal.SIGKILL)
+            self._procs.kill_together(names)  # reaped: none looks alive after this
         what = ", ".join(names) or ("etcd" if fault.target == "etcd" else "nothing")
         self._show(
             f"[{(now - self._t0) / 1000:7.3f}s] fault {fault}: "

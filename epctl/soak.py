@@ -29,6 +29,7 @@ from epctl.local_cluster import (
     local_cluster,
     report_ok,
     requests_report,
+    wait_for,
 )
 from protos.ep_recovery.v1 import admin_pb2
 from reference_engine.reference import reference_outputs
@@ -144,6 +145,8 @@ def run_soak(opts: SoakOptions, out: TextIO) -> dict[str, Any]:
             "cycles": len(cycles),
             "failures": failures,
             "detect_ms": _summary([f["detect_ms"] for f in failures]),
+            # From the leader's SIGKILL to a standby leading (its lease runs out first).
+            "failover_ms": _summary([c["failover_ms"] for c in cycles if c["failover_ms"]]),
             "rejoins": len(stalls),
             "stall_ms": _summary(stalls),
             "faults": [fault_report(f, cluster.watcher) for f in cluster.injector.fired]
@@ -165,18 +168,31 @@ def _run_cycle(
     started = time.monotonic()
     cluster.router.submit(batch)
     before = set(cluster.watcher.failures)
+    leader = cluster.leader_endpoint()
     if plan.then is not None:
         cluster.injector.arm([plan.then])
     fired = cluster.injector.fire_now(plan.first, cluster.status())
     if fired is None:
         raise ClusterError(f"{plan.first} found nothing to hit")
+    failover_ms = None
+    if plan.first.target == "coordinator":
+        wait_for(
+            lambda: cluster.leader_endpoint() not in (None, leader),
+            cluster.spec.deadline_s,
+            "a standby to take over",
+        )
+        failover_ms = round(time.time() * 1000.0 - fired.at_unix_ms, 1)
     if plan.first.target == "rank" and not plan.first.stop:
         failures += detected_failures(cluster, fired.ranks, before, fired.at_unix_ms)
     cluster.settle("every rank to be admitted again")
     unfired += cluster.injector.disarm()
     if not cluster.router.wait_all_answered(cluster.spec.deadline_s):
         raise ClusterError(f"requests never answered: {cluster.router.unanswered()}")
-    return {"plan": _describe(plan), "converged_s": time.monotonic() - started}
+    return {
+        "plan": _describe(plan),
+        "converged_s": time.monotonic() - started,
+        "failover_ms": failover_ms,
+    }
 
 
 def _completed_admissions(cluster: LocalCluster) -> list[admin_pb2.OperationSummary]:
@@ -226,6 +242,9 @@ def render_soak(report: dict[str, Any], out: TextIO) -> None:
     if report["detect_ms"]:
         d = report["detect_ms"]
         out.write(f"detection: p50 {d['p50']} ms, max {d['max']} ms\n")
+    if report["failover_ms"]:
+        f = report["failover_ms"]
+        out.write(f"leader failover: p50 {f['p50']} ms, max {f['max']} ms\n")
     if report["stall_ms"]:
         s = report["stall_ms"]
         out.write(

@@ -85,6 +85,8 @@ def test_a_short_soak_converges_every_cycle_and_serves_every_request(tmp_path: P
     assert report["outputs_match_reference"] is True
     assert [f["rank"] for f in report["failures"]] == [2]
     assert report["rejoins"] >= 1 and report["stall_ms"]["max"] > 0
+    # One leader kill: a standby led again after the dead leader's lease.
+    assert report["failover_ms"]["p50"] == report["failover_ms"]["max"] > 0
     assert report["final_members"] == [0, 1, 2, 3]
 
 
