@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hold-lead-s",
         type=float,
-        help=f"time a hold order takes to arrive {_default('hold_lead_s')}",
+        help=f"time a hold order first takes to arrive {_default('hold_lead_s')}",
     )
     p.add_argument(
         "--group-timeout-s",

@@ -86,7 +86,10 @@ class CoordinatorConfig(BaseModel):
     store_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     progress_interval_ms: int = Field(default=50, ge=5, le=10_000)
     hold_lead_s: float = Field(
-        default=0.05, gt=0, le=10, description="time a hold order is assumed to take to arrive"
+        default=0.05,
+        gt=0,
+        le=10,
+        description="time a hold order first takes to arrive (widened after retargets)",
     )
     group_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     auto_rejoin: bool = True

@@ -36,6 +36,9 @@ from protos.types import Placement, TransferPlan
 # as the second signal of its death. Measured: peers' collectives fail ~11 ms
 # after a SIGKILL, and their report can beat the session's close.
 STEP_FAILURE_WINDOW_S = 0.2
+# The hold lead learned from retargets stops growing here (unless the
+# configured lead is larger): far below the pausing deadline.
+MAX_LEARNED_HOLD_LEAD_S = 1.0
 
 
 class Phase(StrEnum):
@@ -672,6 +675,10 @@ class RecoveryStateMachine:
         self.fingerprint = fingerprint
         self.auto_rejoin = auto_rejoin
         self.hold_lead_s = hold_lead_s
+        # The lead the next hold uses: `hold_lead_s`, widened to what the last
+        # retargeted hold needed (a large cluster's fan-out outruns a fixed
+        # lead; each retarget re-sends the order to every survivor).
+        self.hold_lead_now_s = hold_lead_s
         self.deadlines_s = {**DEFAULT_DEADLINES_S, **(deadlines_s or {})}
         self.hang_timeout_s = hang_timeout_s
         # Since when no operation runs: a rank's silence counts from here at the
@@ -1478,7 +1485,7 @@ class RecoveryStateMachine:
                     r: self.ranks[r].progress or ProgressSample(0, self._now, 0.0)
                     for r in op.hold_ranks
                 }
-                target = hold_target(samples, self._now, self.hold_lead_s, op.hold_attempt)
+                target = hold_target(samples, self._now, self.hold_lead_now_s, op.hold_attempt)
                 if op.hold_iteration is not None:
                     target = max(target, op.hold_iteration + 1)
                 op.hold_iteration = target
@@ -1543,8 +1550,14 @@ class RecoveryStateMachine:
             return
         self._finish(op)
 
+    def _learn_hold_lead(self, op: Operation) -> None:
+        if op.hold_attempt:
+            widened = self.hold_lead_now_s * 2**op.hold_attempt
+            self.hold_lead_now_s = min(max(self.hold_lead_s, MAX_LEARNED_HOLD_LEAD_S), widened)
+
     def _finish(self, op: Operation) -> None:
         stall = max(op.stall_ms.values(), default=0.0)
+        self._learn_hold_lead(op)
         self.op = None
         self._quiet_since = self._now
         for rank in op.joining:
@@ -1569,6 +1582,7 @@ class RecoveryStateMachine:
     def _abandon(self, reason: str) -> None:
         op = self.op
         assert op is not None
+        self._learn_hold_lead(op)
         self.op = None
         self._quiet_since = self._now
         # Entering RESUME committed the epoch: its joiners are members, and

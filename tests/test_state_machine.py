@@ -39,6 +39,7 @@ from coordinator.plan import transfer_plan
 from coordinator.state_machine import (
     DEFAULT_DEADLINES_S,
     DEFAULT_HANG_TIMEOUT_S,
+    MAX_LEARNED_HOLD_LEAD_S,
     PHASE_OF,
     STEP_FAILURE_WINDOW_S,
     Abort,
@@ -63,6 +64,7 @@ from coordinator.state_machine import (
     JoinerReady,
     LeaseExpired,
     Leave,
+    Operation,
     OperationEnded,
     OperationStarted,
     OpKind,
@@ -1145,6 +1147,32 @@ def test_after_a_rejoin_nothing_starts_by_itself() -> None:
     assert d.machine.record() == before
     assert d.machine.op is None
     assert d.machine.phase == Phase.STEADY
+
+
+def test_the_next_hold_starts_with_the_lead_the_last_one_needed() -> None:
+    # A hold that needed retargets (the order reached the ranks too late)
+    # teaches the coordinator its fan-out: the next admission starts with the
+    # widened lead instead of retargeting all over again.
+    d = Driver(4)
+    d.form()
+    assert d.machine.hold_lead_now_s == d.machine.hold_lead_s
+    d.shrink(d.kill(2), lambda s: 5)
+    d.register(2, rejoin=True)
+    holds = sent(d.ready(2), Hold)
+    first = holds[0].command.iteration
+    out = d.ack(holds[0], PastTarget(first + 3))
+    retarget = sent(out, Hold)
+    out = d.ack_all(retarget, lambda s: Held(s.command.iteration))
+    out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
+    out = d.ack_all(sent(out, Resync), lambda s: Resynced())
+    d.ack_all(sent(out, Resume), lambda s: Resumed())
+    assert d.machine.phase == Phase.STEADY
+    assert d.machine.hold_lead_now_s == 2 * d.machine.hold_lead_s
+    # Capped: a storm of retargets does not push holds seconds ahead.
+    storm = Operation("x", OpKind.GROW, (0, 1), (2,), (), 9, 0.0, hold_attempt=3)
+    for _ in range(10):
+        d.machine._learn_hold_lead(storm)
+    assert d.machine.hold_lead_now_s == MAX_LEARNED_HOLD_LEAD_S
 
 
 def test_past_target_retargets_every_survivor_and_refuses_older_held() -> None:
