@@ -54,6 +54,7 @@ import grpc
 
 from bench.common import BenchError, BenchResult, Record, median, percentile, progress
 from coordinator.config import CoordinatorConfig
+from coordinator.state_machine import OpKind, Phase, phases_of
 from epctl.local_etcd import LocalEtcd
 from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
@@ -84,7 +85,8 @@ ROLLBACKS_SHOWN = 3  # in the progress log; a cascade would bury the rest
 ENV = "EP_BENCH_FANOUT_"
 
 PHASE_NAME = {v: k.removeprefix("PHASE_").lower() for k, v in common_pb2.Phase.items()}
-GROW_PHASES = ("pausing", "rebuilding", "resyncing", "resuming")
+# The grow's phases after the joiner is ready (admitting is its wait).
+GROW_PHASES = tuple(str(p) for p in phases_of(OpKind.GROW) if p != Phase.ADMITTING)
 
 
 @dataclass(frozen=True)

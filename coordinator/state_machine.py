@@ -48,8 +48,8 @@ class Phase(StrEnum):
     SHRINKING = "shrinking"
     DEGRADED = "degraded"
     ADMITTING = "admitting"
-    PAUSING = "pausing"
     REBUILDING = "rebuilding"
+    PAUSING = "pausing"
     RESYNCING = "resyncing"
     RESUMING = "resuming"
 
@@ -95,13 +95,15 @@ class OpKind(StrEnum):
 STEPS: dict[OpKind, tuple[Step, ...]] = {
     OpKind.FORM: (Step.REBUILD, Step.RESUME),
     OpKind.SHRINK: (Step.ABORT, Step.REBUILD, Step.RESUME),
-    # PREFETCH moves the joiner's experts while everyone serves; RESYNC, in the
-    # pause, then only hands over the metadata (and what moved meanwhile).
+    # PREFETCH moves the joiner's experts and REBUILD builds the next epoch's
+    # groups while everyone serves (the survivors switch to them at RESUME);
+    # the pause then covers RESYNC, which only hands over the metadata (and
+    # what moved meanwhile), and RESUME.
     OpKind.GROW: (
         Step.WAIT_READY,
         Step.PREFETCH,
-        Step.HOLD,
         Step.REBUILD,
+        Step.HOLD,
         Step.RESYNC,
         Step.RESUME,
     ),
@@ -126,6 +128,11 @@ PHASE_OF: dict[tuple[OpKind, Step], Phase] = {
     (OpKind.DRAIN, Step.REBUILD): Phase.SHRINKING,
     (OpKind.DRAIN, Step.RESUME): Phase.SHRINKING,
 }
+
+
+def phases_of(kind: OpKind) -> tuple[Phase, ...]:
+    """The phases an operation of `kind` goes through, in order."""
+    return tuple(dict.fromkeys(PHASE_OF[(kind, step)] for step in STEPS[kind]))
 
 
 class Code(StrEnum):
@@ -1280,13 +1287,25 @@ class RecoveryStateMachine:
         reason = f"{phase} passed its deadline of {limit:g} s"
         # The ranks that never answered are hung: alive by their lease, silent
         # here. They leave with the rollback; the others resume without them.
-        culprits = sorted(op.awaiting)
+        # Not one whose engine went on iterating during the step: it is alive,
+        # and the step was slow (a hold retargeted again and again across
+        # 1,024 ranks failed hundreds of serving ranks this way).
+        serving = sorted(r for r in op.awaiting if self._iterated_since(r, op.step_started_at))
+        culprits = sorted(op.awaiting - set(serving))
         for rank in culprits:
             self._mark_failed(rank, f"no answer in {reason}")
             self._end_session(rank, f"declared hung: no answer in {reason}")
         if culprits:
             reason += f" waiting for ranks {culprits}"
+        if serving:
+            reason += f" ({'ranks' if len(serving) > 1 else 'rank'} {serving} iterating: not hung)"
         self._abandon(reason)
+
+    def _iterated_since(self, rank: int, since: float) -> bool:
+        """A progress report (one is sent only when the iteration moved) or a
+        PastTarget answer came from `rank` after `since`."""
+        progress = self.ranks.get(rank, RankView()).progress
+        return progress is not None and progress.at > since
 
     def _check_hangs(self) -> None:
         """Members whose iteration has not moved for `hang_timeout_s` while the

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from coordinator.state_machine import OpKind, phases_of
 from epctl.faults import Fault
 from epctl.local_cluster import (
     ClusterError,
@@ -36,7 +37,7 @@ from reference_engine.reference import reference_outputs
 from reference_engine.requests import Request, request_stream
 
 # The admission's phases, where a cycle's second fault may strike.
-ADMISSION_PHASES = ("admitting", "pausing", "rebuilding", "resyncing", "resuming")
+ADMISSION_PHASES = tuple(str(phase) for phase in phases_of(OpKind.GROW))
 # SIGSTOP is meaningful where a rank must answer: the pause and the resync.
 STOP_PHASES = ("pausing", "resyncing")
 

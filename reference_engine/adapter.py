@@ -38,7 +38,7 @@ class ReferenceEngineAdapter:
         group = EPGroup.build(
             spec, self.engine.rank, self.engine.abort_signal, self.hostname, self.engine.device
         )
-        self.engine.install_group(group)
+        self.engine.stage_group(group)  # the engine may be serving: adopted in reset_state
 
     def expert_tensors(self, layer: int, slot: int) -> Sequence[torch.Tensor]:
         return self.engine.slot_tensors(layer, slot)
@@ -62,6 +62,7 @@ class ReferenceEngineAdapter:
         self.engine.expert_tokens = [[int(n) for n in row] for row in counters]
 
     def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
+        self.engine.install_staged(epoch)
         # Expert slots received into pinned host staging reach the device now,
         # before the first step that may route to them.
         self.engine.commit_received()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -185,6 +186,11 @@ class EPEngine:
         # Abandoned groups stay referenced: destroying a gloo group with a work
         # still pending on a dead peer blocks until the group timeout (measured).
         self._retired: list[EPGroup] = []
+        # The next epoch's group, built off the engine's thread while it may
+        # still serve on `group`; installed by `install_staged` at the resume.
+        self._staged: EPGroup | None = None
+        self._abandoned: list[EPGroup] = []  # staged, never installed (same reason)
+        self._staged_lock = threading.Lock()
         # deque append/popleft/extendleft are atomic: submit() needs no lock.
         self._queue: deque[Request] = deque()
         self._state = _State(0, (), ())
@@ -243,6 +249,31 @@ class EPEngine:
 
     def busy(self) -> bool:
         return bool(self._state.running or self._state.finished or self._queue)
+
+    def stage_group(self, group: EPGroup) -> None:
+        """Keep `group` for `install_staged`; any thread, while the engine serves.
+        A group staged earlier and never installed (its operation was abandoned)
+        is kept referenced, never destroyed."""
+        with self._staged_lock:
+            if self._staged is not None:
+                self._abandoned.append(self._staged)
+            self._staged = group
+
+    def install_staged(self, epoch: int) -> None:
+        """Switch to the group staged for `epoch` (engine thread, at the resume);
+        nothing to do when it is installed already."""
+        with self._staged_lock:
+            staged, self._staged = self._staged, None
+        if staged is None and self.group is not None and self.group.epoch == epoch:
+            return
+        if staged is None or staged.epoch != epoch:
+            if staged is not None:
+                self._abandoned.append(staged)
+            raise RuntimeError(
+                f"no group was built for epoch {epoch}"
+                + (f" (the last one built is epoch {staged.epoch}'s)" if staged else "")
+            )
+        self.install_group(staged)
 
     def install_group(self, group: EPGroup) -> None:
         if self.group is not None:

@@ -84,6 +84,12 @@ class RecordingAdapter:
     # thread) until `unhang` is set; the agent's thread is unaffected.
     hang: threading.Event = field(default_factory=threading.Event)
     unhang: threading.Event = field(default_factory=threading.Event)
+    # A rebuild that takes this long (a slow group build); and, per rebuild,
+    # the iterations the engine had completed when it started and ended.
+    slow_rebuild_s: float = 0.0
+    rebuild_spans: list[tuple[int, int]] = field(default_factory=list)
+    staged: list[tuple[int, dist.ProcessGroup]] = field(default_factory=list)
+    group_epoch: int = 0
 
     def __post_init__(self) -> None:
         self._placement = ring_placement(self.world_size)
@@ -109,12 +115,16 @@ class RecordingAdapter:
         self.aborted_through = max(self.aborted_through, epoch)
 
     def rebuild_groups(self, spec: GroupSpec) -> None:
+        # A helper thread, maybe while `step` runs on the current group.
         self.calls.append(("rebuild", spec.epoch, spec.store_prefix, spec.members))
-        release_in_background(self, "group")
-        self.group = build_gloo_group(
+        self.rebuild_spans.append((self.iteration, -1))
+        if self.slow_rebuild_s:
+            time.sleep(self.slow_rebuild_s)  # a slow build, so the test can see it overlap
+        group = build_gloo_group(
             spec, self.rank, "ring", lambda: self.aborted_through >= spec.epoch
         )
-        self.group_epoch = spec.epoch
+        self.staged.append((spec.epoch, group))
+        self.rebuild_spans[-1] = (self.rebuild_spans[-1][0], self.iteration)
 
     def expert_tensors(self, layer: int, slot: int) -> Sequence[torch.Tensor]:
         self.calls.append(("expert", layer, slot))
@@ -130,6 +140,11 @@ class RecordingAdapter:
 
     def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
         self.calls.append(("reset", epoch, iteration, tuple(members)))
+        built, group = self.staged[-1]
+        assert built == epoch, f"resumed in epoch {epoch} with groups of epoch {built}"
+        self.staged.clear()
+        release_in_background(self, "group")
+        self.group, self.group_epoch = group, epoch
         self.epoch, self.iteration, self.members = epoch, iteration, tuple(members)
 
     def step(self) -> None:

@@ -249,7 +249,7 @@ def test_watch_streams_a_recovery_as_it_happens(
         # Every event once, in order, right after the snapshot.
         assert [e.seq for e in rest] == list(range(first.seq + 1, first.seq + 1 + len(rest)))
         phases = [phase_of(e) for e in rest if e.WhichOneof("body") == "phase"]
-        recovery = ["halting", "shrinking", "degraded", "admitting", "pausing", "rebuilding"]
+        recovery = ["halting", "shrinking", "degraded", "admitting", "rebuilding", "pausing"]
         recovery += ["resyncing", "resuming", "steady"]
         assert is_subsequence(recovery, phases), phases
         failed = [e.rank_failed for e in rest if e.WhichOneof("body") == "rank_failed"]

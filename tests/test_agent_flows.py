@@ -93,6 +93,35 @@ def test_rejoin_uses_one_plan_from_healthy_ranks(
                    if c[0] == "rebuild" for e in [c[1]])  # fmt: skip
 
 
+def test_survivors_serve_while_the_admissions_groups_are_built(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    # The next epoch's groups are built before the pause: a slow build costs
+    # the survivors nothing, their stall is the hold, the resync and the resume.
+    slow_s = 1.0
+    with thread_cluster(tmp_path, etcd, cluster_name, WORLD) as (coord, ranks):
+        ranks.pop(3).stop()
+        wait_until(lambda: coord.phase() == "degraded", 30, "the cluster to shrink without 3")
+        for r in ranks.values():
+            r.adapter.slow_rebuild_s = slow_s
+        builds_before = {rank: len(r.adapter.rebuild_spans) for rank, r in ranks.items()}
+        ranks[3] = ThreadRank(
+            3, WORLD, coord.endpoint, etcd, cluster_name, rejoin=True, stale_placement=True
+        ).start()
+        wait_until(
+            lambda: coord.phase() == "steady" and len(coord.status().members) == WORLD,
+            60,
+            "rank 3 to be admitted",
+        )
+        for rank in (0, 1, 2):
+            adapter = ranks[rank].adapter
+            assert len(adapter.rebuild_spans) == builds_before[rank] + 1
+            started, ended = adapter.rebuild_spans[-1]
+            assert ended > started, f"rank {rank} did not serve during its build"
+            stall_ms = ranks[rank].agent.stall_ms[-1]
+            assert stall_ms < slow_s * 1000, f"rank {rank} was held {stall_ms:.0f} ms"
+
+
 def test_no_recovery_starts_by_itself_after_a_rejoin(
     tmp_path: Path, etcd: str, cluster_name: str
 ) -> None:

@@ -16,7 +16,7 @@ import pytest
 from coordinator.state_machine import DEFAULT_DEADLINES_S, Phase
 from tests.epctl_runs import epctl_env, last_json, pids_mentioning, run_epctl
 
-GROW_PHASES = ["admitting", "pausing", "rebuilding", "resyncing", "resuming"]
+GROW_PHASES = ["admitting", "rebuilding", "pausing", "resyncing", "resuming"]
 
 
 def _run_demo(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[int, str, str]:

@@ -275,13 +275,19 @@ class Driver:
         return holds
 
     def ready(self, rank: int) -> list[Action]:
-        """The joiner says it is ready; the prefetch that starts is carried out."""
+        """The joiner says it is ready; the prefetch and the group build that
+        follow (everyone serves meanwhile) are carried out."""
         out = self.handle(JoinerReady(rank, self.sessions[rank]))
         prefetches = sent(out, Prefetch)
         if not prefetches:
             return out
         assert self.machine.phase == Phase.ADMITTING
-        return out + self.ack_all(prefetches, lambda s: Resynced())
+        out += self.ack_all(prefetches, lambda s: Resynced())
+        rebuilds = sent(out, Rebuild)
+        if not rebuilds:
+            return out
+        assert self.machine.phase == Phase.REBUILDING
+        return out + self.ack_all(rebuilds, lambda s: GroupsReady())
 
     def grow(self, rank: int) -> dict[type[Any], list[Send]]:
         """Rejoin `rank` and carry the grow through; the sends of each step."""
@@ -290,10 +296,10 @@ class Driver:
         out += self.handle(JoinerReady(rank, self.sessions[rank]))
         steps[Prefetch] = sent(out, Prefetch)
         out += self.ack_all(steps[Prefetch], lambda s: Resynced())
-        steps[Hold] = sent(out, Hold)
-        out = self.ack_all(steps[Hold], lambda s: Held(s.command.iteration))
         steps[Rebuild] = sent(out, Rebuild)
         out = self.ack_all(steps[Rebuild], lambda s: GroupsReady())
+        steps[Hold] = sent(out, Hold)
+        out = self.ack_all(steps[Hold], lambda s: Held(s.command.iteration))
         steps[Resync] = sent(out, Resync)
         out = self.ack_all(steps[Resync], lambda s: Resynced())
         steps[Resume] = sent(out, Resume)
@@ -314,7 +320,6 @@ def test_a_resume_does_not_count_as_progress() -> None:
     d.progress(3, 0)
     out = d.ready(3)
     out = d.ack_all(sent(out, Hold), lambda s: Held(s.command.iteration))
-    out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
     resumes = sent(d.ack_all(sent(out, Resync), lambda s: Resynced()), Resume)
     d.ack_all(resumes, lambda s: Resumed())
     assert d.machine.phase == Phase.STEADY
@@ -415,7 +420,16 @@ def test_rejoin_runs_the_whole_timeline_back_to_steady() -> None:
     assert [a.role for a in of_type(out, Accept)] == [Role.JOINER]
     assert phases(out) == [Phase.ADMITTING]
     assert not sent(out)  # survivors keep serving while the joiner warms up
-    out = d.ready(3)
+    out = d.handle(JoinerReady(3, d.sessions[3]))
+    prefetches = sent(out, Prefetch)
+    assert prefetches and not phases(out)  # still admitting: everyone serves
+    out = d.ack_all(prefetches, lambda s: Resynced())
+    # The next epoch's groups are built while everyone serves, before the pause.
+    assert phases(out) == [Phase.REBUILDING]
+    assert not sent(out, Hold)
+    rebuilds = sent(out, Rebuild)
+    assert {s.command for s in rebuilds} == {Rebuild(3, (0, 1, 2, 3), store_prefix(CLUSTER, 3))}
+    out = d.ack_all(rebuilds, lambda s: GroupsReady())
     assert phases(out) == [Phase.PAUSING]
     holds = sent(out, Hold)
     assert sorted(s.rank for s in holds) == [0, 1, 2]  # not the joiner
@@ -423,10 +437,6 @@ def test_rejoin_runs_the_whole_timeline_back_to_steady() -> None:
     assert {s.command for s in holds} == {Hold(target)}
     assert target > 102
     out = d.ack_all(holds, lambda s: Held(target))
-    assert phases(out) == [Phase.REBUILDING]
-    rebuilds = sent(out, Rebuild)
-    assert {s.command for s in rebuilds} == {Rebuild(3, (0, 1, 2, 3), store_prefix(CLUSTER, 3))}
-    out = d.ack_all(rebuilds, lambda s: GroupsReady())
     assert phases(out) == [Phase.RESYNCING]
     resyncs = sent(out, Resync)
     assert sorted(s.rank for s in resyncs) == [0, 1, 2, 3]
@@ -481,6 +491,28 @@ def test_a_survivor_silent_past_the_pause_deadline_is_declared_hung() -> None:
     assert d.machine.phase == Phase.HALTING
 
 
+def test_a_survivor_still_iterating_at_the_pause_deadline_is_not_declared_hung() -> None:
+    # Rank 1's engine runs on but its Held never came (the hold was retargeted
+    # past it again and again, a slow fan-out): alive, not hung. Rank 2 is
+    # silent. Only rank 2 is failed; the admission rolls back without failing 1.
+    d = Driver(4)
+    d.form()
+    holds = d.pause_for(3)
+    d.ack(next(s for s in holds if s.rank == 0), Held(holds[0].command.iteration))
+    limit = DEFAULT_DEADLINES_S[Phase.PAUSING]
+    assert limit is not None
+    d.now += limit / 2
+    d.progress(1, holds[0].command.iteration - 1)
+    d.now += limit
+    out = d.handle(Tick())
+    assert [f.rank for f in of_type(out, RankFailed)] == [2]
+    [ended] = of_type(out, OperationEnded)
+    assert ended.outcome == "rolled_back" and "waiting for ranks [2]" in ended.reason
+    assert "rank [1] iterating: not hung" in ended.reason
+    assert sorted(s.rank for s in sent(out, Abort)) == [0, 1]  # 1 stays a member
+    assert not d.machine.ranks[1].failed
+
+
 def test_a_rollback_in_rebuilding_releases_the_abandoned_epochs_group_builds() -> None:
     # A survivor dies while the others build the admission's groups (epoch 3);
     # they wait in that build for it. The rollback's Abort must cover epoch 3,
@@ -488,8 +520,10 @@ def test_a_rollback_in_rebuilding_releases_the_abandoned_epochs_group_builds() -
     # miss the halting deadline (seen in the soak: the whole cluster failed).
     d = Driver(4)
     d.form()
-    holds = d.pause_for(3)
-    rebuilds = sent(d.ack_all(holds, lambda s: Held(s.command.iteration)), Rebuild)
+    d.shrink(d.kill(3), lambda s: 7)
+    d.register(3, rejoin=True)
+    out = d.handle(JoinerReady(3, d.sessions[3]))
+    rebuilds = sent(d.ack_all(sent(out, Prefetch), lambda s: Resynced()), Rebuild)
     assert {s.command.epoch for s in rebuilds} == {3}
     out = d.kill(2)
     aborts = sent(out, Abort)
@@ -848,10 +882,10 @@ def test_a_drained_rank_waits_for_an_admit_even_with_automatic_rejoin_on() -> No
     assert (started.kind, started.joining, answer.op_id) == (OpKind.GROW, (2,), started.op_id)
     assert d.persisted.drained == ()  # the operator took it back
     out = d.ack_all(sent(out, Prefetch), lambda s: Resynced())
+    out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
     holds = sent(out, Hold)
     assert sorted(s.rank for s in holds) == [0, 1, 3]
     out = d.ack_all(holds, lambda s: Held(s.command.iteration))
-    out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
     out = d.ack_all(sent(out, Resync), lambda s: Resynced())
     out = d.ack_all(sent(out, Resume), lambda s: Resumed())
     assert d.machine.phase == Phase.STEADY and d.machine.members == (0, 1, 2, 3)
@@ -1000,7 +1034,11 @@ def test_an_operations_actions_tell_its_start_and_each_ranks_part() -> None:
     [started] = of_type(out, OperationStarted)
     assert (started.kind, started.survivors, started.joining) == (OpKind.GROW, (0, 1), (2,))
     out = d.ready(2)
-    ready, *prefetched = of_type(out, RankDone)
+    ready, *done = of_type(out, RankDone)
+    prefetched = [r for r in done if r.step == Step.PREFETCH]
+    built = [r for r in done if r.step == Step.REBUILD]
+    # Then the next epoch's groups, by every participant, still while serving.
+    assert {(r.rank, r.outcome) for r in built} == {(rank, "done") for rank in (0, 1, 2)}
     assert (ready.op_id, ready.rank, ready.step, ready.outcome) == (
         started.op_id,
         2,
@@ -1015,10 +1053,10 @@ def test_an_operations_actions_tell_its_start_and_each_ranks_part() -> None:
     holds = sent(out, Hold)
     out = d.ack(holds[0], Held(holds[0].command.iteration))
     [held] = of_type(out, RankDone)
-    # The hold order went out when the last prefetch answer came in.
-    last_prefetch = max(r.at for r in prefetched)
+    # The hold order went out when the last group-build answer came in.
+    last_build = max(r.at for r in built)
     assert (held.rank, held.step) == (holds[0].rank, Step.HOLD)
-    assert held.started_at == last_prefetch
+    assert held.started_at == last_build
     out = d.ack(holds[1], CommandFailed("boom"))
     assert [(a.rank, a.outcome) for a in of_type(out, RankDone)] == [(holds[1].rank, "failed")]
 
@@ -1163,7 +1201,6 @@ def test_the_next_hold_starts_with_the_lead_the_last_one_needed() -> None:
     out = d.ack(holds[0], PastTarget(first + 3))
     retarget = sent(out, Hold)
     out = d.ack_all(retarget, lambda s: Held(s.command.iteration))
-    out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
     out = d.ack_all(sent(out, Resync), lambda s: Resynced())
     d.ack_all(sent(out, Resume), lambda s: Resumed())
     assert d.machine.phase == Phase.STEADY
@@ -1207,9 +1244,8 @@ def test_past_target_retargets_every_survivor_and_refuses_older_held() -> None:
     out = d.ack(retarget[0], Held(first))
     assert [type(a) for a in out] == [Refuse] and d.machine.record() == before
     out = d.ack_all(retarget, lambda s: Held(second))
-    assert phases(out) == [Phase.REBUILDING]
-    rebuilds = sent(out, Rebuild)
-    resyncs = sent(d.ack_all(rebuilds, lambda s: GroupsReady()), Resync)
+    assert phases(out) == [Phase.RESYNCING]
+    resyncs = sent(out, Resync)
     resumes = sent(d.ack_all(resyncs, lambda s: Resynced()), Resume)
     # The cut is the retargeted iteration every survivor is held at.
     assert {s.command.iteration for s in resumes} == {second}
@@ -1449,7 +1485,6 @@ def test_joiner_committed_before_a_survivor_dies_stays_a_member() -> None:
     d.register(2, rejoin=True)
     out = d.ready(2)
     out = d.ack_all(sent(out, Hold), lambda s: Held(s.command.iteration))
-    out = d.ack_all(sent(out, Rebuild), lambda s: GroupsReady())
     resumes = sent(d.ack_all(sent(out, Resync), lambda s: Resynced()), Resume)
     assert d.machine.epoch == 3 and d.machine.record().members == (0, 1, 2)
     by_rank = {s.rank: s for s in resumes}
@@ -1527,10 +1562,9 @@ def test_a_failed_command_on_a_live_rank_rolls_the_operation_back() -> None:
     d.form()
     d.shrink(d.kill(2), lambda s: 5)
     d.register(2, rejoin=True)
-    out = d.ready(2)
+    out = d.handle(JoinerReady(2, d.sessions[2]))
     rebuilds = {
-        s.rank: s
-        for s in sent(d.ack_all(sent(out, Hold), lambda s: Held(s.command.iteration)), Rebuild)
+        s.rank: s for s in sent(d.ack_all(sent(out, Prefetch), lambda s: Resynced()), Rebuild)
     }
     d.ack(rebuilds[1], GroupsReady())
     d.ack(rebuilds[2], GroupsReady())
@@ -1818,6 +1852,15 @@ class ClusterSim(RuleBasedStateMachine):
                 ok = self._peers_alive(send, cmd.members)
                 self._ack(proc, send, Resynced() if ok else CommandFailed("peer gone"))
             return
+        if isinstance(cmd, Rebuild):
+            # WorkerAgent._rebuild: on a thread of its own, whether the engine
+            # serves (a grow's survivors) or waits; the engine switches to the
+            # groups at the resume. A group with a dead member never forms.
+            if send.command_id not in proc.done and not (send.epoch < proc.epoch and send.op_id):
+                proc.done.add(send.command_id)
+                ok = self._peers_alive(send, cmd.members)
+                self._ack(proc, send, GroupsReady() if ok else CommandFailed("group timed out"))
+            return
         if isinstance(cmd, Abort) and proc.mode == "running":
             # abort_collectives makes the step raise: StepFailed, then serve.
             proc.mode = "failed"
@@ -1843,10 +1886,6 @@ class ClusterSim(RuleBasedStateMachine):
             proc.done.add(send.command_id)
             if isinstance(cmd, Abort):
                 self._ack(proc, send, Halted(proc.iteration))
-            elif isinstance(cmd, Rebuild):
-                # A group with a dead member never forms: the agent times out.
-                ok = self._peers_alive(send, cmd.members)
-                self._ack(proc, send, GroupsReady() if ok else CommandFailed("group timed out"))
             elif isinstance(cmd, Resync):
                 to = self.sent_to.get(send.command_id, {})
                 ok = self._peers_alive(send, to)

@@ -1,8 +1,12 @@
 """What an engine implements so that the agent can execute recovery commands.
 
-Every method except `abort_collectives` is called on the engine's own thread,
-while the engine is held at an iteration boundary (or inside `on_step_failed`),
-so an implementation needs no locking of its own.
+Every method except `abort_collectives` and `rebuild_groups` is called on the
+engine's own thread, while the engine is held at an iteration boundary (or
+inside `on_step_failed`), so an implementation needs no locking of its own.
+`rebuild_groups` runs on a helper thread, possibly while the engine still
+serves on the previous epoch's groups (an admission builds them before the
+pause): it must only build and keep the new groups, which `reset_state`
+switches to.
 """
 
 from __future__ import annotations
@@ -62,7 +66,9 @@ class EngineAdapter(Protocol):
         ...
 
     def rebuild_groups(self, spec: GroupSpec) -> None:
-        """Build this epoch's process groups (the old ones are abandoned)."""
+        """Build `spec.epoch`'s process groups and keep them for `reset_state`;
+        the engine's current groups stay in use until then. Called on a helper
+        thread; a build never switched to is abandoned (kept, never destroyed)."""
         ...
 
     def expert_tensors(self, layer: int, slot: int) -> Sequence[torch.Tensor]:
@@ -79,6 +85,7 @@ class EngineAdapter(Protocol):
         ...
 
     def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
-        """Resume after `iteration` in `epoch` with `members` active: roll back any
-        work past `iteration`, route experts only to `members`, clear per-epoch state."""
+        """Resume after `iteration` in `epoch` with `members` active: switch to the
+        groups `rebuild_groups` built for `epoch`, roll back any work past
+        `iteration`, route experts only to `members`, clear per-epoch state."""
         ...

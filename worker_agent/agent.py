@@ -45,7 +45,7 @@ from coordinator.security import ClientTls, EtcdAccess
 from protos.ep_recovery.v1 import worker_pb2, worker_pb2_grpc
 from protos.types import Placement, TransferPlan
 from worker_agent.adapter import EngineAdapter, GroupSpec, StepAborted
-from worker_agent.groups import build_gloo_group, release_in_background
+from worker_agent.groups import build_gloo_group, drop_in_background, release_in_background
 from worker_agent.lease import RankLease
 from worker_agent.resync import execute_resync, execute_transfers
 
@@ -138,6 +138,7 @@ class WorkerAgent:
         self._last_command_key: tuple[str, int] | None = None
         self._ready_announced = False
         self._group: dist.ProcessGroup | None = None
+        self._group_lock = threading.Lock()  # the rebuild thread and the engine's
         # The staging group of a prefetch, and what was prefetched: (op id, plan).
         self._staging: dist.ProcessGroup | None = None
         self._prefetched: tuple[str, TransferPlan] | None = None
@@ -254,19 +255,6 @@ class WorkerAgent:
         match cmd.WhichOneof("body"):
             case "abort":
                 self._ack(order, halted=worker_pb2.Halted(last_completed=iteration))
-            case "rebuild":
-                spec = _group_spec(cmd.rebuild.groups)
-                started = time.perf_counter()
-                release_in_background(self, "_group")
-                self._group = build_gloo_group(
-                    spec, self.config.rank, "agent", superseded, self.config.group_hostname
-                )
-                self._members = spec.members
-                self.adapter.rebuild_groups(
-                    replace(spec, store_prefix=spec.store_prefix + "engine/")
-                )
-                build_ms = (time.perf_counter() - started) * 1000.0
-                self._ack(order, groups_ready=worker_pb2.GroupsReady(build_ms=build_ms))
             case "prefetch":
                 self._prefetch(order)
             case "resync":
@@ -316,11 +304,46 @@ class WorkerAgent:
                 return True
             case "retry":
                 log.warning("admission rolled back", extra=fields(reason=cmd.retry.reason))
-                release_in_background(self, "_group")
+                with self._group_lock:
+                    release_in_background(self, "_group")
                 self._announce_ready()
-            case "hold":
-                pass  # the agent thread handles hold orders
+            case "hold" | "rebuild":
+                pass  # handled off the engine's thread (_on_command)
         return False
+
+    def _rebuild(self, order: _Order) -> None:
+        """Build the epoch's groups, the agent's and (through the adapter) the
+        engine's, on a thread of its own. In an admission the survivors serve on
+        meanwhile: the groups are built before the pause and the engine switches
+        to them at Resume. A halted or joining rank waits for the next command."""
+        if order.epoch < self.epoch:
+            log.info("stale command ignored", extra=fields(epoch=order.epoch, op=order.op_id))
+            return
+        spec = _group_spec(order.command.rebuild.groups)
+        superseded = self._superseded_by_newer(order)
+        started = time.perf_counter()
+        holder: list[dist.ProcessGroup] = []
+        try:
+            holder.append(
+                build_gloo_group(
+                    spec, self.config.rank, "agent", superseded, self.config.group_hostname
+                )
+            )
+            self.adapter.rebuild_groups(replace(spec, store_prefix=spec.store_prefix + "engine/"))
+        except Exception as exc:
+            if not superseded():
+                log.exception("rebuild failed", extra=fields(op_id=order.op_id))
+                self._ack(order, failed=worker_pb2.CommandFailed(message=str(exc)[:500]))
+            drop_in_background(holder)
+            return
+        with self._group_lock:
+            if superseded():  # the operation was abandoned meanwhile
+                drop_in_background(holder)
+                return
+            release_in_background(self, "_group")
+            self._group, self._members = holder.pop(), spec.members
+        build_ms = (time.perf_counter() - started) * 1000.0
+        self._ack(order, groups_ready=worker_pb2.GroupsReady(build_ms=build_ms))
 
     def _prefetch(self, order: _Order) -> None:
         """Carry out a Prefetch: this rank's part of the plan on the staging group."""
@@ -610,6 +633,11 @@ class WorkerAgent:
         kind = cmd.WhichOneof("body")
         if kind == "hold":
             self._on_hold(order)
+            return
+        if kind == "rebuild":
+            threading.Thread(
+                target=self._rebuild, args=(order,), name="ep-rebuild", daemon=True
+            ).start()
             return
         if kind == "prefetch" and self._admitted:
             threading.Thread(

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -312,5 +312,13 @@ def release_in_background(owner: object, attribute: str) -> None:
     """
     holder = [getattr(owner, attribute)]
     setattr(owner, attribute, None)
-    if holder[0] is not None:
-        threading.Thread(target=holder.clear, name="group-release", daemon=True).start()
+    drop_in_background(holder)
+
+
+def drop_in_background(holder: list[Any]) -> None:
+    """Empty `holder` and drop the groups it held on a helper thread (see
+    `release_in_background`); the caller must hold no other reference."""
+    moved = [group for group in holder if group is not None]
+    holder.clear()
+    if moved:
+        threading.Thread(target=moved.clear, name="group-release", daemon=True).start()
