@@ -452,6 +452,7 @@ def _seed_peer(rank: int, kind: str, checkpoint: str, trials: int, port: int) ->
     barrier("warm")  # one untimed build of everyone: no trial pays a first build
     build_gloo_group(spec(2, everyone), rank, "agent", never)
     adapter.rebuild_groups(spec(2, everyone))
+    engine.install_staged(2)  # the seed installs what it builds at once
     plan = transfer_plan(placement, survivors, [joiner])
     epoch = 2
     out: dict[str, list[float]] = {}
@@ -466,6 +467,7 @@ def _seed_peer(rank: int, kind: str, checkpoint: str, trials: int, port: int) ->
         t0 = now()
         agent = build_gloo_group(spec(epoch, everyone), rank, "agent", never)
         adapter.rebuild_groups(spec(epoch, everyone))
+        engine.install_staged(epoch)
         add("floor_ms", (now() - t0) * 1000.0)
         barrier(f"built/floor/{epoch}")
         del agent
@@ -493,6 +495,7 @@ def _seed_peer(rank: int, kind: str, checkpoint: str, trials: int, port: int) ->
             t0 = now()  # every survivor stops at this boundary
         agent = build_gloo_group(spec(epoch, everyone), rank, "agent", never)
         adapter.rebuild_groups(spec(epoch, everyone))
+        engine.install_staged(epoch)
         t1 = now()
         result = execute_resync(
             group=agent, rank=rank, members=everyone, plan=plan, metadata_source=0,

@@ -467,11 +467,15 @@ def test_cuda_survivor_alone_serves_the_reference_from_a_graph(store: dist.TCPSt
     assert answers == reference_outputs(WEIGHTS, CFG, requests)
     assert engine.graph_replays > 0
     # A retired NCCL group is aborted off the engine's thread, once the next
-    # group has completed a step.
+    # group has completed a step. The next group is built beside the serving
+    # one (as in a grow, before the pause) and installed at the resume.
+    current = engine.group
     adapter.rebuild_groups(replace(spec, epoch=2, store_prefix="cuda-alone-2/"))
-    retired = engine._retired[-1]
-    assert retired.backend == NCCL and retired.abort_thread is None
+    assert engine.group is current
+    engine.step()  # still on epoch 1's communicator
     adapter.reset_state(2, engine.iteration, (0,))
+    retired = engine._retired[-1]
+    assert retired is current and retired.backend == NCCL and retired.abort_thread is None
     engine.step()
     assert retired.abort_thread is None
     engine.step()

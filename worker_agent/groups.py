@@ -174,12 +174,7 @@ def build_nccl_group(
     connect = getattr(backend, "eager_connect_single_device", None)
     if connect is not None:
         what = f"NCCL connect of epoch {spec.epoch}"
-        try:
-            call_abandonable(lambda: connect(dev), aborted, what)
-        except StepAborted:
-            raise
-        except Exception as exc:
-            raise CollectiveFailed(f"{what} failed: {exc}") from exc
+        transport_errors(lambda: call_abandonable(lambda: connect(dev), aborted, what), what)
     # Like gloo's: the backend serves the ProcessGroup calls made on it.
     return cast(dist.ProcessGroup, backend)
 
@@ -278,28 +273,27 @@ def wait_p2p(works: list[dist.Work], aborted: Callable[[], bool]) -> None:
     """Wait for send/recv works, released by `aborted`.
 
     gloo's send/recv works report is_completed() False until wait() is called
-    (torch 2.13), so polling them never ends. A helper thread makes the blocking
-    waits while this one polls for it and the abort; an abandoned helper stays
-    blocked until the group timeout, harmlessly.
+    (torch 2.13), so polling them never ends: the blocking waits run on an
+    abandonable helper. An abandoned helper stays blocked until the group
+    timeout, harmlessly.
     """
-    done = threading.Event()
-    failure: list[RuntimeError] = []
 
     def wait_all() -> None:
-        try:
-            for work in works:
-                work.wait()
-        except RuntimeError as exc:
-            failure.append(exc)
-        finally:
-            done.set()
+        for work in works:
+            work.wait()
 
-    threading.Thread(target=wait_all, name="p2p-wait", daemon=True).start()
-    while not done.wait(POLL_S):
-        if aborted():
-            raise StepAborted("point-to-point transfer aborted")
-    if failure:
-        raise CollectiveFailed(str(failure[0])) from failure[0]
+    transport_errors(lambda: call_abandonable(wait_all, aborted, "point-to-point transfer", POLL_S))
+
+
+def transport_errors(fn: Callable[[], T], what: str = "") -> T:
+    """`fn()`, with a transport error (gloo's and NCCL's RuntimeError, usually a
+    peer that died) raised as CollectiveFailed; StepAborted passes through."""
+    try:
+        return fn()
+    except StepAborted:
+        raise
+    except RuntimeError as exc:
+        raise CollectiveFailed(f"{what} failed: {exc}" if what else str(exc)) from exc
 
 
 def release_in_background(owner: object, attribute: str) -> None:
