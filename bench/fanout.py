@@ -23,9 +23,10 @@ Per rank count, once the cluster has formed:
    received), the run to the target iteration, and the ack's way back.
 
 Settings (environment, all optional): EP_BENCH_FANOUT_RANKS,
-EP_BENCH_FANOUT_PROGRESS_MS and EP_BENCH_FANOUT_HOLD_LEAD_S are comma lists;
-given any, every combination runs (rank counts even; by default the plan's
-rank counts, 1000 ms and the daemon's hold lead). EP_BENCH_FANOUT_ADMISSIONS,
+EP_BENCH_FANOUT_PROGRESS_MS, EP_BENCH_FANOUT_HOLD_LEAD_S and
+EP_BENCH_FANOUT_REPORTS_PER_S are comma lists; given any, every combination
+runs (rank counts even; by default the plan's rank counts, 1000 ms, the
+daemon's hold lead and no report budget). EP_BENCH_FANOUT_ADMISSIONS,
 EP_BENCH_FANOUT_LEASE_TTL_S, EP_BENCH_FANOUT_STEP_MS,
 EP_BENCH_FANOUT_CPU_WINDOW_S, EP_BENCH_FANOUT_SETTLE_INTERVALS (progress
 intervals between one admission and the next kill; 0 shows the inflated hold
@@ -71,6 +72,11 @@ LEASE_TTL_S = 5
 PROGRESS_MS = 1000
 DAEMON_PROGRESS_MS = int(CoordinatorConfig.model_fields["progress_interval_ms"].default)
 DAEMON_HOLD_LEAD_S = float(CoordinatorConfig.model_fields["hold_lead_s"].default)
+# The coordinator's report budget (--progress-reports-per-s): a case runs with
+# it, or without (the interval exactly as given, as before the budget existed).
+DAEMON_REPORTS_PER_S = int(CoordinatorConfig.model_fields["progress_reports_per_s"].default)
+UNCAPPED_REPORTS_PER_S = 1_000_000
+MAX_SETTLE_S = 10.0
 STEP_MS = 20.0  # one simulated decode iteration
 LONG_HOLD_LEAD_S = 0.5
 SETTLE_S = 2.0  # after formation, before the CPU window
@@ -97,6 +103,18 @@ class Case:
     ranks: int
     progress_ms: int = PROGRESS_MS
     hold_lead_s: float = DAEMON_HOLD_LEAD_S
+    reports_per_s: int = UNCAPPED_REPORTS_PER_S
+
+    @property
+    def rank_progress_ms(self) -> int:
+        """The interval the coordinator gives the ranks."""
+        config = CoordinatorConfig(
+            cluster="bench",
+            world_size=self.ranks,
+            progress_interval_ms=self.progress_ms,
+            progress_reports_per_s=self.reports_per_s,
+        )
+        return config.rank_progress_interval_ms
 
 
 @dataclass(frozen=True)
@@ -121,14 +139,17 @@ def quick_plan() -> FanoutPlan:
 
 def full_plan() -> FanoutPlan:
     # 1024 ranks at the daemon's 50 ms would be 20,480 reports/s: more than
-    # the rank processes can send on 2 cores (EP_BENCH_FANOUT_* runs it). A
-    # hold lead 10 times the default, beside it, shows what the retargets cost.
+    # the rank processes can send on 2 cores (EP_BENCH_FANOUT_* runs it); the
+    # daemon's report budget makes them report every 4 s instead (the last
+    # case). A hold lead 10 times the default, beside it, shows what the
+    # retargets cost.
     return FanoutPlan(
         cases=(
             Case(256),
             Case(1024),
             Case(1024, hold_lead_s=LONG_HOLD_LEAD_S),
             Case(256, progress_ms=DAEMON_PROGRESS_MS),
+            Case(1024, progress_ms=DAEMON_PROGRESS_MS, reports_per_s=DAEMON_REPORTS_PER_S),
         ),
         admissions=5,
         cpu_window_s=10.0,
@@ -169,13 +190,22 @@ def plan_from_env(base: FanoutPlan, environ: Mapping[str, str]) -> FanoutPlan:
     ranks = numbers("RANKS", int, 2, even=True)
     intervals = numbers("PROGRESS_MS", int, 5)
     leads = numbers("HOLD_LEAD_S", float, 0.001)
-    if ranks is not None or intervals is not None or leads is not None:
+    budgets = numbers("REPORTS_PER_S", int, 1)
+    if any(v is not None for v in (ranks, intervals, leads, budgets)):
         # Every combination, in the order given. Not given: the plan's rank
-        # counts, the bench's progress interval, the daemon's hold lead.
+        # counts, the bench's progress interval, the daemon's hold lead, no
+        # report budget.
         ranks = ranks or tuple(dict.fromkeys(c.ranks for c in base.cases))
         intervals = intervals or (PROGRESS_MS,)
         leads = leads or (DAEMON_HOLD_LEAD_S,)
-        cases = tuple(Case(n, ms, lead) for ms in intervals for lead in leads for n in ranks)
+        budgets = budgets or (UNCAPPED_REPORTS_PER_S,)
+        cases = tuple(
+            Case(n, ms, lead, budget)
+            for budget in budgets
+            for ms in intervals
+            for lead in leads
+            for n in ranks
+        )
         plan = replace(plan, cases=cases)
     for field_name, env_name, cast, low in (
         ("admissions", "ADMISSIONS", int, 1),
@@ -220,8 +250,11 @@ def run_plan(plan: FanoutPlan, log: TextIO | None = None) -> BenchResult:
         "process) and one gRPC channel and session each to the real coordinator daemon; "
         "Rebuild is acknowledged WITHOUT building gloo groups, Resync without moving weights",
         f"a simulated rank iterates every {plan.step_ms:g} ms while it serves and reports "
-        "progress every progress_interval_ms (the coordinator's --progress-interval-ms; "
-        f"the daemon's default is {DAEMON_PROGRESS_MS} ms); hold_lead_s: the coordinator's "
+        "progress every progress_interval_ms: the coordinator's --progress-interval-ms "
+        f"(the daemon's default is {DAEMON_PROGRESS_MS} ms), or longer where "
+        "--progress-reports-per-s (progress_reports_per_s; the daemon's default is "
+        f"{DAEMON_REPORTS_PER_S}, {UNCAPPED_REPORTS_PER_S:,}: no budget) makes it so; "
+        "hold_lead_s: the coordinator's "
         f"--hold-lead-s (the daemon's default is {DAEMON_HOLD_LEAD_S:g} s)",
         f"coordinator_cpu_pct: the coordinator's user+system CPU over {plan.cpu_window_s:g} s "
         "of steady state (from /proc/PID/stat) as % of one core; rank_hosts_cpu_pct and "
@@ -349,9 +382,12 @@ class _Cluster:
         self.etcd = etcd
         self.case = case
         self.ranks = case.ranks
-        self.progress_ms = case.progress_ms
+        self.progress_ms = case.rank_progress_ms
         self.plan = plan
-        self.cluster = f"bench-fanout-{case.ranks}-p{case.progress_ms}-l{case.hold_lead_s:g}"
+        self.cluster = (
+            f"bench-fanout-{case.ranks}-p{case.progress_ms}-l{case.hold_lead_s:g}"
+            f"-r{case.reports_per_s}"
+        )
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.hosts: list[_Host] = []
         self.host_of: dict[int, _Host] = {}
@@ -395,7 +431,8 @@ class _Cluster:
                     sys.executable, "-m", "coordinator",
                     "--cluster", self.cluster, "--world-size", str(self.ranks),
                     "--listen", "127.0.0.1:0", "--etcd", self.etcd.endpoint,
-                    "--progress-interval-ms", str(self.progress_ms),
+                    "--progress-interval-ms", str(self.case.progress_ms),
+                    "--progress-reports-per-s", str(self.case.reports_per_s),
                     "--hold-lead-s", str(self.case.hold_lead_s),
                     "--ready-file", str(ready),
                 ],
@@ -491,6 +528,7 @@ class _Cluster:
             "admissions": plan.admissions,
             "lease_ttl_s": plan.lease_ttl_s,
             "progress_interval_ms": self.progress_ms,
+            "progress_reports_per_s": self.case.reports_per_s,
             "step_ms": plan.step_ms,
             "hold_lead_s": self.case.hold_lead_s,
         }
@@ -549,7 +587,8 @@ class _Cluster:
                 # rate far too high (its iteration jumped from 0 to the cluster's),
                 # which it averages away over a few reports; until then it sets
                 # hold targets far ahead (BENCHMARKS.md, fanout).
-                time.sleep(max(1.0, plan.settle_intervals * self.progress_ms / 1000.0))
+                settle_s = plan.settle_intervals * self.progress_ms / 1000.0
+                time.sleep(min(max(1.0, settle_s), MAX_SETTLE_S))
             # Spread over the ranks and the processes; never the same twice in a row.
             victim = (1 + k * (self.ranks // plan.admissions + 1)) % self.ranks
             samples.victims.append(victim)
@@ -560,7 +599,9 @@ class _Cluster:
             # A relaunched rank takes seconds to start and load its weights;
             # meanwhile every survivor reports progress from its resume on, and
             # the hold target is predicted from that, not from before the shrink.
-            time.sleep(max(1.0, REJOIN_DELAY_INTERVALS * self.progress_ms / 1000.0))
+            time.sleep(
+                min(max(1.0, REJOIN_DELAY_INTERVALS * self.progress_ms / 1000.0), MAX_SETTLE_S)
+            )
             host.request(60.0, op="join", rank=victim)
             grow = self._wait_op("grow", victim, seen)
             cpu = _cpu_seconds(self.coordinator.pid) - cpu_before

@@ -378,8 +378,12 @@ class SimRank:
                 self._freeze(iteration, now)
                 self._ack(cmd, halted=worker_pb2.Halted(last_completed=iteration))
             case "rebuild":
-                # No groups are built here (see the module doc).
-                self._ack(cmd, groups_ready=worker_pb2.GroupsReady(build_ms=0.0))
+                # No groups are built here (see the module doc). Where the
+                # engine is, as the agent reports it with this ack.
+                progress = worker_pb2.Progress(
+                    iteration=self.iteration(now), rank_clock_ms=now * 1e3
+                )
+                self._ack(cmd, groups_ready=worker_pb2.GroupsReady(build_ms=0.0, progress=progress))
             case "prefetch" | "resync":
                 # No experts move here either: a prefetch (while serving) and
                 # the pause's resync are answered at once.

@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--progress-interval-ms",
         type=int,
-        help=f"how often ranks report progress {_default('progress_interval_ms')}",
+        help=f"how often ranks report progress, at the least {_default('progress_interval_ms')}",
+    )
+    p.add_argument(
+        "--progress-reports-per-s",
+        type=int,
+        help="the most progress reports a second from the whole cluster: a large cluster's "
+        f"ranks report less often {_default('progress_reports_per_s')}",
     )
     p.add_argument(
         "--hold-lead-s",

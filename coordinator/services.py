@@ -101,7 +101,13 @@ def reply_from_proto(ack: worker_pb2.Ack) -> sm.Reply | None:
         case "halted":
             return sm.Halted(ack.halted.last_completed)
         case "groups_ready":
-            return sm.GroupsReady(ack.groups_ready.build_ms)
+            ready = ack.groups_ready
+            if not ready.HasField("progress"):
+                return sm.GroupsReady(ready.build_ms)
+            clock = (
+                ready.progress.rank_clock_ms / 1000.0 if ready.progress.rank_clock_ms > 0 else None
+            )
+            return sm.GroupsReady(ready.build_ms, ready.progress.iteration, clock)
         case "resynced":
             r = ack.resynced
             return sm.Resynced(r.bytes_received, r.bytes_sent, r.transfer_ms)
@@ -208,7 +214,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                         else worker_pb2.ROLE_MEMBER,
                         epoch=epoch,
                         session_id=session,
-                        progress_interval_ms=self.coordinator.config.progress_interval_ms,
+                        progress_interval_ms=self.coordinator.config.rank_progress_interval_ms,
                     )
                 )
             case sm.Send():

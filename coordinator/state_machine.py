@@ -228,6 +228,10 @@ class Halted:
 @dataclass(frozen=True)
 class GroupsReady:
     build_ms: float = 0.0
+    # The rank's iteration, and its clock (s) when read, as the build ended
+    # (None: not reported); fresher than its last progress report.
+    iteration: int | None = None
+    rank_clock: float | None = None
 
 
 @dataclass(frozen=True)
@@ -1737,6 +1741,9 @@ class RecoveryStateMachine:
                 )
             case Halted(last_completed):
                 op.halted[ev.rank] = last_completed
+            case GroupsReady(iteration=iteration, rank_clock=clock) if iteration is not None:
+                if view.progress is None or iteration > view.progress.iteration:
+                    view.progress = next_sample(view.progress, iteration, self._now, clock)
             case Resumed(stall_ms):
                 op.stall_ms[ev.rank] = stall_ms
                 # The engine goes on from the resume iteration: the next report

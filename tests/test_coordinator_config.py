@@ -56,6 +56,28 @@ def test_example_file_is_valid_and_documents_every_field() -> None:
         assert lines[index - 1].startswith("#"), f"{name} has no comment above it"
 
 
+@pytest.mark.parametrize(
+    ("world_size", "interval_ms", "budget", "expected_ms"),
+    [
+        (8, 50, 250, 50),  # small: the configured interval
+        (64, 50, 250, 256),  # 64 ranks at 50 ms would be 1,280 reports/s
+        (1024, 50, 250, 4096),
+        (1024, 5000, 250, 5000),  # a longer configured interval stands
+        (65536, 50, 250, 10_000),  # never rarer than every 10 s
+    ],
+)
+def test_a_large_cluster_reports_progress_within_the_budget(
+    world_size: int, interval_ms: int, budget: int, expected_ms: int
+) -> None:
+    config = CoordinatorConfig(
+        cluster="c",
+        world_size=world_size,
+        progress_interval_ms=interval_ms,
+        progress_reports_per_s=budget,
+    )
+    assert config.rank_progress_interval_ms == expected_ms
+
+
 def test_check_config_json_output(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("cluster: c1\nworld_size: 4\nauto_rejoin: no\n")

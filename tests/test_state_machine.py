@@ -1212,6 +1212,25 @@ def test_the_next_hold_starts_with_the_lead_the_last_one_needed() -> None:
     assert d.machine.hold_lead_now_s == MAX_LEARNED_HOLD_LEAD_S
 
 
+def test_the_hold_target_follows_the_progress_the_group_builds_report() -> None:
+    # Progress reports may be seconds apart in a large cluster; the acks of the
+    # groups built just before the hold say where each survivor is now.
+    d = Driver(4)
+    d.form()
+    d.shrink(d.kill(3), lambda s: 50)
+    for r in (0, 1, 2):
+        d.progress(r, 50)
+    d.register(3, rejoin=True)
+    out = d.handle(JoinerReady(3, d.sessions[3]))
+    rebuilds = sent(d.ack_all(sent(out, Prefetch), lambda s: Resynced()), Rebuild)
+    clock = d.now + 5.0
+    holds = sent(d.ack_all(rebuilds, lambda s: GroupsReady(1.0, 5000 + s.rank, clock)), Hold)
+    target = holds[0].command.iteration
+    assert target > 5002  # past where every survivor said it was
+    # A build that reports no progress (an older agent) changes nothing.
+    assert GroupsReady(1.0).iteration is None
+
+
 def test_past_target_retargets_every_survivor_and_refuses_older_held() -> None:
     d = Driver(4)
     d.form()

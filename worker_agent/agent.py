@@ -343,7 +343,10 @@ class WorkerAgent:
             release_in_background(self, "_group")
             self._group, self._members = holder.pop(), spec.members
         build_ms = (time.perf_counter() - started) * 1000.0
-        self._ack(order, groups_ready=worker_pb2.GroupsReady(build_ms=build_ms))
+        self._ack(
+            order,
+            groups_ready=worker_pb2.GroupsReady(build_ms=build_ms, progress=self._progress()),
+        )
 
     def _prefetch(self, order: _Order) -> None:
         """Carry out a Prefetch: this rank's part of the plan on the staging group."""
@@ -606,15 +609,17 @@ class WorkerAgent:
         while True:
             await call.write(await self._outbox.get())
 
+    def _progress(self) -> worker_pb2.Progress:
+        return worker_pb2.Progress(
+            iteration=self._iteration, rank_clock_ms=time.monotonic() * 1000.0
+        )
+
     async def _report_progress(self) -> None:
         last = None
         while True:
-            iteration = self._iteration
-            if iteration != last:
-                last = iteration
-                progress = worker_pb2.Progress(
-                    iteration=iteration, rank_clock_ms=time.monotonic() * 1000.0
-                )
+            progress = self._progress()
+            if progress.iteration != last:
+                last = progress.iteration
                 self._send(worker_pb2.WorkerMessage(progress=progress))
             await asyncio.sleep(self._progress_interval_s)
 

@@ -118,10 +118,12 @@ class Halted(_message.Message):
     def __init__(self, last_completed: _Optional[int] = ...) -> None: ...
 
 class GroupsReady(_message.Message):
-    __slots__ = ("build_ms",)
+    __slots__ = ("build_ms", "progress")
     BUILD_MS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     build_ms: float
-    def __init__(self, build_ms: _Optional[float] = ...) -> None: ...
+    progress: Progress
+    def __init__(self, build_ms: _Optional[float] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
 
 class Resynced(_message.Message):
     __slots__ = ("bytes_received", "bytes_sent", "transfer_ms")
