@@ -8,7 +8,10 @@ Four systems, side by side in one run, at the same rank counts and expert bytes:
   rank. One rank is SIGKILLed; once the shrink is done it is relaunched with
   `--rejoin`. The figure is the completed grow's `stall_ms` from GetStatus: the
   longest survivor stall, from the boundary where it was held to its resume.
-  The survivors' own `resumed ... stall_ms=` log lines give the median.
+  The survivors' own `resumed ... stall_ms=` log lines give the median. The
+  joiner's experts and the next epoch's groups are moved and built while
+  everyone serves (docs/architecture.md): the pause holds the metadata
+  hand-off and the resume.
 - `seed-style`: the seed's way, emulated on the same builders and plan: N
   fresh processes hold the same expert tensors; the survivors run idle
   iterations with a readiness all_reduce in each. When it reports the joiner,
@@ -200,7 +203,8 @@ def _report(
         "all of them",
         "ep-recovery: reference-engine ranks, idle (2 ms sleep between iterations), one rank "
         "SIGKILLed, then relaunched with --rejoin; figure from the coordinator's GetStatus. "
-        "Today the weights are synced inside the pause (no zero-stall prefetch yet)",
+        "The joiner's experts (prefetch) and the next epoch's groups (rebuild) are moved and "
+        "built while everyone serves; the pause holds the resync of metadata and the resume",
         "seed-style: emulated in fresh processes with the agent's builders and the "
         "coordinator's plan: a readiness all_reduce per idle iteration, then group rebuild + "
         "execute_resync + first collective with the joiner, all inside the pause",
