@@ -8,13 +8,6 @@ or no refresh has succeeded for a whole TTL, the others may already have acted
 on its absence, so the lease is reported LOST (once) and the holder must stop
 acting on it. A lost lease is never re-granted here.
 
-The refreshes run on a thread and event loop of their own, with an etcd
-client of their own: an owner's loop busy for seconds (a leader fanning an
-operation out to 1,024 sessions) must not starve them, or a healthy leader
-loses its lease and steps down mid-operation (BENCHMARKS.md, "fanout").
-Whatever they conclude reaches the owner's loop (`lost`, `on_lost`, the
-listeners) through `call_soon_threadsafe`.
-
 Short of a loss, the keepalive reports whether etcd answers it: a refresh that
 failed, or went unanswered for UNANSWERED_S, makes `refresh_problem` non-empty
 until one gets through, and `refresh_listeners` hear each change (the
@@ -28,7 +21,6 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -48,7 +40,6 @@ REVOKE_TIMEOUT_S = 2.0
 # means etcd is not answering in time. It is reported, not given up on: it
 # may still save the lease until the TTL runs out.
 UNANSWERED_S = 1.0
-KEEPALIVE_STOP_S = 5.0  # for the keepalive thread to end once stopped
 
 
 class LeasedKey:
@@ -94,7 +85,7 @@ class LeasedKey:
         self._client: aetcd.Client | None = None
         self._lease_id: int | None = None
         self._granted_ttl = 0
-        self._keeper: _KeepaliveThread | None = None
+        self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     # --- properties -----------------------------------------------------------
@@ -140,7 +131,9 @@ class LeasedKey:
         except BaseException:
             await self._release()
             raise
-        self._keeper = _KeepaliveThread(self, granted_at + self._granted_ttl)
+        self._task = asyncio.create_task(
+            self._keepalive(granted_at + self._granted_ttl), name=f"{self.kind}-lease-keepalive"
+        )
         log.info(
             f"{self.kind} lease granted",
             extra=fields(**self._fields, lease_id=self._lease_id, ttl=self.ttl),
@@ -163,9 +156,11 @@ class LeasedKey:
         """Stop refreshing and revoke the lease, so the coordinator sees the DELETE
         at once instead of a TTL later. Idempotent; never raises for etcd errors."""
         self._stopping = True
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            await keeper.stop()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._release()
 
     async def wait_lost(self) -> str:
@@ -197,27 +192,20 @@ class LeasedKey:
         with contextlib.suppress(Exception):
             await client.close()
 
-    async def _keepalive(self, keeper: _KeepaliveThread, expires_at: float) -> None:
-        """On the keepalive thread's loop: refresh until the lease is lost."""
-        client = etcd_keys.new_client(self.host, self.port, access=self.access)
+    async def _keepalive(self, expires_at: float) -> None:
         try:
-            await self._refresh_until_lost(keeper, client, expires_at)
+            await self._refresh_until_lost(expires_at)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # A bug here must not leave the rank serving on a lease nobody
             # refreshes: report it lost, loudly.
             log.exception(f"{self.kind} lease keepalive crashed", extra=fields(**self._fields))
-            keeper.tell(self._declare_lost, f"keepalive crashed: {exc!r}")
-        finally:
-            with contextlib.suppress(Exception):
-                await client.close()
+            self._declare_lost(f"keepalive crashed: {exc!r}")
 
-    async def _refresh_until_lost(
-        self, keeper: _KeepaliveThread, client: aetcd.Client, expires_at: float
-    ) -> None:
-        assert self._lease_id is not None
-        lease_id = self._lease_id
+    async def _refresh_until_lost(self, expires_at: float) -> None:
+        assert self._client is not None and self._lease_id is not None
+        client, lease_id = self._client, self._lease_id
         interval = self._granted_ttl / 3
         next_at = time.monotonic() + interval
         failures = 0
@@ -226,15 +214,14 @@ class LeasedKey:
             sent_at = time.monotonic()
             left = expires_at - sent_at
             if left <= 0:
-                keeper.tell(
-                    self._declare_lost,
-                    f"no successful refresh for {self._granted_ttl}s ({failures} failed)",
+                self._declare_lost(
+                    f"no successful refresh for {self._granted_ttl}s ({failures} failed)"
                 )
                 return
             try:
                 # Bounded by the TTL left: a refresh answered later than that
                 # cannot save the lease anyway.
-                reply = await self._refresh(keeper, client, lease_id, left)
+                reply = await self._refresh(client, lease_id, left)
                 if reply is None:
                     raise aetcd.ClientError("keepalive stream closed without a reply")
             except Exception as exc:
@@ -252,13 +239,11 @@ class LeasedKey:
                         error=repr(exc),
                     ),
                 )
-                keeper.tell(self._report_refresh, f"lease refresh failed: {exc!r}")
+                self._report_refresh(f"lease refresh failed: {exc!r}")
                 next_at = time.monotonic() + min(interval, RETRY_INTERVAL_S)
                 continue
             if reply.TTL <= 0:
-                keeper.tell(
-                    self._declare_lost, "etcd says the lease expired (refresh returned TTL 0)"
-                )
+                self._declare_lost("etcd says the lease expired (refresh returned TTL 0)")
                 return
             if failures or self.refresh_problem:
                 log.info(
@@ -266,15 +251,13 @@ class LeasedKey:
                     extra=fields(**self._fields, lease_id=lease_id, failures=failures),
                 )
                 failures = 0
-            keeper.tell(self._report_refresh, "")
+            self._report_refresh("")
             # The lease runs from when etcd handled the refresh, which is no
             # earlier than when we sent it.
             expires_at = sent_at + int(reply.TTL)
             next_at = sent_at + interval
 
-    async def _refresh(
-        self, keeper: _KeepaliveThread, client: aetcd.Client, lease_id: int, left: float
-    ) -> Any:
+    async def _refresh(self, client: aetcd.Client, lease_id: int, left: float) -> Any:
         """One refresh, waited for up to `left` seconds; one still unanswered
         after UNANSWERED_S is reported meanwhile."""
         refresh = asyncio.ensure_future(client.refresh_lease(lease_id))
@@ -288,9 +271,7 @@ class LeasedKey:
                 f"{self.kind} lease refresh unanswered",
                 extra=fields(**self._fields, lease_id=lease_id, waited_s=UNANSWERED_S),
             )
-            keeper.tell(
-                self._report_refresh, f"etcd has not answered a lease refresh for {UNANSWERED_S} s"
-            )
+            self._report_refresh(f"etcd has not answered a lease refresh for {UNANSWERED_S} s")
             return await asyncio.wait_for(refresh, left - UNANSWERED_S)
         finally:
             if not refresh.done():
@@ -327,47 +308,3 @@ class LeasedKey:
                 self._on_lost()
             except Exception:
                 log.exception("on_lost callback failed", extra=fields(**self._fields))
-
-
-class _KeepaliveThread:
-    """`owner._keepalive` on a thread and event loop of its own; `tell` hands a
-    call back to the owner's loop."""
-
-    def __init__(self, owner: LeasedKey, expires_at: float) -> None:
-        self._owner_loop = asyncio.get_running_loop()
-        self._loop = asyncio.new_event_loop()
-        self._done = threading.Event()
-        self._stopping = False
-        self._task: asyncio.Task[Any] | None = None
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"{owner.kind}-lease-keepalive", daemon=True
-        )
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._run(owner, expires_at), self._loop)
-
-    async def _run(self, owner: LeasedKey, expires_at: float) -> None:
-        self._task = asyncio.current_task()
-        try:
-            if not self._stopping:  # stop() came before this started
-                await owner._keepalive(self, expires_at)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._done.set()
-
-    def _cancel(self) -> None:  # in the keepalive's loop
-        if self._task is not None:
-            self._task.cancel()
-
-    def tell(self, fn: Callable[[str], None], arg: str) -> None:
-        with contextlib.suppress(RuntimeError):  # the owner's loop closed: nobody to tell
-            self._owner_loop.call_soon_threadsafe(fn, arg)
-
-    async def stop(self) -> None:
-        self._stopping = True
-        self._loop.call_soon_threadsafe(self._cancel)
-        await asyncio.to_thread(self._done.wait, KEEPALIVE_STOP_S)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        await asyncio.to_thread(self._thread.join, KEEPALIVE_STOP_S)
-        if not self._thread.is_alive():
-            self._loop.close()
