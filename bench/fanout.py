@@ -528,7 +528,7 @@ class _Cluster:
             "admissions": plan.admissions,
             "lease_ttl_s": plan.lease_ttl_s,
             "progress_interval_ms": self.progress_ms,
-            "progress_reports_per_s": self.case.reports_per_s,
+            "report_budget_per_s": self.case.reports_per_s,
             "step_ms": plan.step_ms,
             "hold_lead_s": self.case.hold_lead_s,
         }

@@ -39,6 +39,7 @@ from coordinator.plan import transfer_plan
 from coordinator.state_machine import (
     DEFAULT_DEADLINES_S,
     DEFAULT_HANG_TIMEOUT_S,
+    HANG_CHECK_INTERVAL_S,
     MAX_LEARNED_HOLD_LEAD_S,
     PHASE_OF,
     STEP_FAILURE_WINDOW_S,
@@ -590,6 +591,25 @@ def test_a_member_stuck_while_its_peers_run_on_is_declared_hung() -> None:
     assert ended.code == Code.FAILED_PRECONDITION and "declared hung" in ended.message
     assert sorted(s.rank for s in sent(out, Abort)) == [0, 1, 3]
     assert d.machine.phase == Phase.HALTING
+
+
+def test_the_hang_scan_runs_at_most_once_a_second() -> None:
+    # Each scan visits every member: at 1,024 ranks, one per Tick (4 a second)
+    # was a sixth of the coordinator's idle CPU. The timeout is 30 s.
+    d = Driver(4)
+    d.form()
+    _run_to(d, {r: 10 for r in range(4)}, 0.1)
+    _run_to(d, {0: 800, 1: 800, 3: 800}, DEFAULT_HANG_TIMEOUT_S / 2)
+    progress = d.machine.ranks[2].progress
+    assert progress is not None
+    d.now = progress.at + DEFAULT_HANG_TIMEOUT_S - 0.2
+    assert d.handle(Tick()) == []  # a scan: rank 2 not silent for long enough yet
+    scanned_at = d.now
+    d.now = progress.at + DEFAULT_HANG_TIMEOUT_S + 0.1
+    assert d.handle(Tick()) == []  # silent long enough, but no scan is due
+    d.now = scanned_at + HANG_CHECK_INTERVAL_S
+    [failed] = of_type(d.handle(Tick()), RankFailed)
+    assert failed.rank == 2
 
 
 def test_in_lockstep_the_member_whose_step_did_not_fail_is_the_hung_one() -> None:
