@@ -275,6 +275,14 @@ class Driver:
         assert holds and self.machine.phase == Phase.PAUSING
         return holds
 
+    def rebuilds_for(self, rank: int) -> list[Send]:
+        """The joiner says it is ready and the prefetch is carried out; the
+        Rebuild orders that follow (everyone still serves)."""
+        out = self.handle(JoinerReady(rank, self.sessions[rank]))
+        rebuilds = sent(self.ack_all(sent(out, Prefetch), lambda s: Resynced()), Rebuild)
+        assert rebuilds and self.machine.phase == Phase.REBUILDING
+        return rebuilds
+
     def ready(self, rank: int) -> list[Action]:
         """The joiner says it is ready; the prefetch and the group build that
         follow (everyone serves meanwhile) are carried out."""
@@ -523,8 +531,7 @@ def test_a_rollback_in_rebuilding_releases_the_abandoned_epochs_group_builds() -
     d.form()
     d.shrink(d.kill(3), lambda s: 7)
     d.register(3, rejoin=True)
-    out = d.handle(JoinerReady(3, d.sessions[3]))
-    rebuilds = sent(d.ack_all(sent(out, Prefetch), lambda s: Resynced()), Rebuild)
+    rebuilds = d.rebuilds_for(3)
     assert {s.command.epoch for s in rebuilds} == {3}
     out = d.kill(2)
     aborts = sent(out, Abort)
@@ -1241,8 +1248,7 @@ def test_the_hold_target_follows_the_progress_the_group_builds_report() -> None:
     for r in (0, 1, 2):
         d.progress(r, 50)
     d.register(3, rejoin=True)
-    out = d.handle(JoinerReady(3, d.sessions[3]))
-    rebuilds = sent(d.ack_all(sent(out, Prefetch), lambda s: Resynced()), Rebuild)
+    rebuilds = d.rebuilds_for(3)
     clock = d.now + 5.0
     holds = sent(d.ack_all(rebuilds, lambda s: GroupsReady(1.0, 5000 + s.rank, clock)), Hold)
     target = holds[0].command.iteration
@@ -1601,10 +1607,7 @@ def test_a_failed_command_on_a_live_rank_rolls_the_operation_back() -> None:
     d.form()
     d.shrink(d.kill(2), lambda s: 5)
     d.register(2, rejoin=True)
-    out = d.handle(JoinerReady(2, d.sessions[2]))
-    rebuilds = {
-        s.rank: s for s in sent(d.ack_all(sent(out, Prefetch), lambda s: Resynced()), Rebuild)
-    }
+    rebuilds = {s.rank: s for s in d.rebuilds_for(2)}
     d.ack(rebuilds[1], GroupsReady())
     d.ack(rebuilds[2], GroupsReady())
     out = d.ack(rebuilds[0], CommandFailed("store 10.0.0.1:29500 unreachable"))
