@@ -577,6 +577,10 @@ class _Cluster:
         self._wait_op("form", None, seen)
         return time.perf_counter() - started
 
+    def _intervals_s(self, intervals: int) -> float:
+        """`intervals` progress intervals in s, at least 1 s and at most MAX_SETTLE_S."""
+        return min(max(1.0, intervals * self.progress_ms / 1000.0), MAX_SETTLE_S)
+
     def _admissions(self, seen: set[str], samples: _Samples) -> None:
         plan = self.plan
         assert self.coordinator is not None
@@ -587,8 +591,7 @@ class _Cluster:
                 # rate far too high (its iteration jumped from 0 to the cluster's),
                 # which it averages away over a few reports; until then it sets
                 # hold targets far ahead (BENCHMARKS.md, fanout).
-                settle_s = plan.settle_intervals * self.progress_ms / 1000.0
-                time.sleep(min(max(1.0, settle_s), MAX_SETTLE_S))
+                time.sleep(self._intervals_s(plan.settle_intervals))
             # Spread over the ranks and the processes; never the same twice in a row.
             victim = (1 + k * (self.ranks // plan.admissions + 1)) % self.ranks
             samples.victims.append(victim)
@@ -599,9 +602,7 @@ class _Cluster:
             # A relaunched rank takes seconds to start and load its weights;
             # meanwhile every survivor reports progress from its resume on, and
             # the hold target is predicted from that, not from before the shrink.
-            time.sleep(
-                min(max(1.0, REJOIN_DELAY_INTERVALS * self.progress_ms / 1000.0), MAX_SETTLE_S)
-            )
+            time.sleep(self._intervals_s(REJOIN_DELAY_INTERVALS))
             host.request(60.0, op="join", rank=victim)
             grow = self._wait_op("grow", victim, seen)
             cpu = _cpu_seconds(self.coordinator.pid) - cpu_before

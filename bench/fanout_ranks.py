@@ -314,21 +314,19 @@ class SimRank:
         while True:
             await self._call.write(await self._outbox.get())
 
+    def _progress(self, now: float) -> worker_pb2.Progress:
+        return worker_pb2.Progress(iteration=self.iteration(now), rank_clock_ms=now * 1e3)
+
     async def _report_progress(self) -> None:
         loop = asyncio.get_running_loop()
         # From the welcome on, as the agent does: ranks welcomed at different
         # moments report at different moments.
         last = None
         while True:
-            now = loop.time()
-            iteration = self.iteration(now)
-            if iteration != last:
-                last = iteration
-                self._send(
-                    worker_pb2.WorkerMessage(
-                        progress=worker_pb2.Progress(iteration=iteration, rank_clock_ms=now * 1e3)
-                    )
-                )
+            progress = self._progress(loop.time())
+            if progress.iteration != last:
+                last = progress.iteration
+                self._send(worker_pb2.WorkerMessage(progress=progress))
                 self.host.counters["progress"] += 1
             await asyncio.sleep(self._progress_s)
 
@@ -380,10 +378,8 @@ class SimRank:
             case "rebuild":
                 # No groups are built here (see the module doc). Where the
                 # engine is, as the agent reports it with this ack.
-                progress = worker_pb2.Progress(
-                    iteration=self.iteration(now), rank_clock_ms=now * 1e3
-                )
-                self._ack(cmd, groups_ready=worker_pb2.GroupsReady(build_ms=0.0, progress=progress))
+                groups_ready = worker_pb2.GroupsReady(build_ms=0.0, progress=self._progress(now))
+                self._ack(cmd, groups_ready=groups_ready)
             case "prefetch" | "resync":
                 # No experts move here either: a prefetch (while serving) and
                 # the pause's resync are answered at once.

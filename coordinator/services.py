@@ -92,6 +92,11 @@ def command_to_proto(coordinator: Coordinator, send: sm.Send) -> worker_pb2.Coor
     return worker_pb2.CoordinatorMessage(command=cmd)
 
 
+def rank_clock_s(progress: worker_pb2.Progress) -> float | None:
+    """The rank's clock in a progress report, in s (None: not sent)."""
+    return progress.rank_clock_ms / 1000.0 if progress.rank_clock_ms > 0 else None
+
+
 def reply_from_proto(ack: worker_pb2.Ack) -> sm.Reply | None:
     match ack.WhichOneof("body"):
         case "held":
@@ -104,10 +109,9 @@ def reply_from_proto(ack: worker_pb2.Ack) -> sm.Reply | None:
             ready = ack.groups_ready
             if not ready.HasField("progress"):
                 return sm.GroupsReady(ready.build_ms)
-            clock = (
-                ready.progress.rank_clock_ms / 1000.0 if ready.progress.rank_clock_ms > 0 else None
+            return sm.GroupsReady(
+                ready.build_ms, ready.progress.iteration, rank_clock_s(ready.progress)
             )
-            return sm.GroupsReady(ready.build_ms, ready.progress.iteration, clock)
         case "resynced":
             r = ack.resynced
             return sm.Resynced(r.bytes_received, r.bytes_sent, r.transfer_ms)
@@ -246,8 +250,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 match msg.WhichOneof("body"):
                     case "progress":
                         p = msg.progress
-                        clock = p.rank_clock_ms / 1000.0 if p.rank_clock_ms > 0 else None
-                        submit(sm.ProgressReported(rank, session, p.iteration, clock))
+                        submit(sm.ProgressReported(rank, session, p.iteration, rank_clock_s(p)))
                     case "ready":
                         submit(sm.JoinerReady(rank, session))
                     case "step_failed":

@@ -231,8 +231,7 @@ class WorkerAgent:
                     return
                 continue
             assert isinstance(item, _Order)
-            if item.epoch < self.epoch and item.op_id:
-                log.info("stale command ignored", extra=fields(epoch=item.epoch, op=item.op_id))
+            if self._stale(item):
                 continue
             try:
                 if self._execute(item, iteration, held_since):
@@ -316,8 +315,7 @@ class WorkerAgent:
         engine's, on a thread of its own. In an admission the survivors serve on
         meanwhile: the groups are built before the pause and the engine switches
         to them at Resume. A halted or joining rank waits for the next command."""
-        if order.epoch < self.epoch:
-            log.info("stale command ignored", extra=fields(epoch=order.epoch, op=order.op_id))
+        if self._stale(order):
             return
         spec = _group_spec(order.command.rebuild.groups)
         superseded = self._superseded_by_newer(order)
@@ -347,6 +345,13 @@ class WorkerAgent:
             order,
             groups_ready=worker_pb2.GroupsReady(build_ms=build_ms, progress=self._progress()),
         )
+
+    def _stale(self, order: _Order) -> bool:
+        """An operation's command from an epoch this rank has left: ignored."""
+        if order.epoch < self.epoch and order.op_id:
+            log.info("stale command ignored", extra=fields(epoch=order.epoch, op=order.op_id))
+            return True
+        return False
 
     def _prefetch(self, order: _Order) -> None:
         """Carry out a Prefetch: this rank's part of the plan on the staging group."""

@@ -64,10 +64,7 @@ def wait_work(work: dist.Work, aborted: Callable[[], bool]) -> None:
         if aborted():
             raise StepAborted("collective aborted")
         time.sleep(POLL_S)
-    try:
-        work.wait()
-    except RuntimeError as exc:
-        raise CollectiveFailed(str(exc)) from exc
+    transport_errors(work.wait)
 
 
 def epoch_store(spec: GroupSpec, namespace: str, aborted: Callable[[], bool]) -> dist.PrefixStore:
