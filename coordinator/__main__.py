@@ -102,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
         f"peers moved on or failed their step {_default('hang_timeout_s')}",
     )
     p.add_argument(
+        "--lease-rebind-s",
+        type=float,
+        help="how long a rank whose lease expired under an open session has to bind a new "
+        f"lease {_default('lease_rebind_s')}",
+    )
+    p.add_argument(
+        "--reconnect-window-s",
+        type=float,
+        help="how long a new leader waits for the members to reconnect (default: two "
+        "leader leases)",
+    )
+    p.add_argument(
         "--auto-rejoin",
         action=argparse.BooleanOptionalAction,
         help="admit relaunched ranks (default: yes)",
@@ -209,11 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_run(config, args.ready_file, secrets))
 
 
-# Leadership was lost (a fenced write refused, or the leader lease expired):
-# the process exits with this code and its supervisor restarts it as a standby.
-EXIT_DEPOSED = 3
-
-
 def status_line(phase: str, epoch: int) -> str:
     """The leader's systemd STATUS= text: role, phase and epoch."""
     return f"role=leader phase={phase} epoch={epoch}"
@@ -229,7 +236,6 @@ async def _run(config: CoordinatorConfig, ready_file: Path | None, secrets: Serv
     import aetcd.exceptions
 
     from coordinator import state_machine as sm
-    from coordinator.election import Deposed
     from coordinator.runtime import Coordinator, serve
 
     notifier = SystemdNotifier.from_environ()
@@ -241,6 +247,8 @@ async def _run(config: CoordinatorConfig, ready_file: Path | None, secrets: Serv
     role = "standby"
 
     def on_standby(holder: dict[str, object]) -> None:
+        nonlocal role
+        role = "standby"
         if ready_file is not None:
             _write_ready_file(ready_file, {"role": "standby", "leader": holder})
         # Ready as a standby too: systemd must not time the start out while
@@ -297,10 +305,6 @@ async def _run(config: CoordinatorConfig, ready_file: Path | None, secrets: Serv
     except asyncio.CancelledError:
         log.info("stopped", extra=fields(cluster=config.cluster))
         return 0
-    except Deposed as exc:
-        log.error("stepped down", extra=fields(cluster=config.cluster, reason=str(exc)))
-        notifier.status(f"role=deposed reason={exc}")
-        return EXIT_DEPOSED
     except (OSError, ValueError, aetcd.exceptions.ConnectionFailedError) as exc:
         log.error("cannot serve", extra=fields(error=str(exc), etcd=config.etcd))
         notifier.status(f"cannot serve: {exc}")

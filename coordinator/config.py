@@ -115,6 +115,18 @@ class CoordinatorConfig(BaseModel):
         description="a member whose iteration stands still this long in steady state, while "
         "its peers got further or failed their step, is declared hung; null: no check",
     )
+    lease_rebind_s: float = Field(
+        default=3.0,
+        gt=0,
+        le=3600,
+        description="how long a rank whose etcd lease expired while its session stayed open "
+        "has to bind the session to a new lease before it is failed",
+    )
+    reconnect_window_s: Annotated[float, Field(gt=0, le=3600)] | None = Field(
+        default=None,
+        description="how long a new leader waits for the members to reconnect before their "
+        "silence counts against them; null: two leader leases",
+    )
     phase_deadlines_s: dict[Phase, Annotated[float, Field(gt=0)] | None] = Field(
         default_factory=dict,
         description="per-phase limits overriding the defaults; null: no limit",

@@ -14,13 +14,13 @@ find the coordinator, and standbys and `epctl` to name the leader.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import aetcd
-import aetcd.exceptions
 
 from coordinator import etcd_keys
 from coordinator.leased_key import LeasedKey
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # How long a standby waits on its watch of the leader key before claiming
 # again anyway (a watch that lost an event must not leave it standing by).
 STANDBY_RECHECK_S = 1
+# A standby's etcd read that has no answer this long is tried again.
+ETCD_CALL_TIMEOUT_S = 5.0
 
 
 class LeadershipTaken(Exception):
@@ -135,19 +137,33 @@ async def campaign(
 ) -> LeaderLease:
     """Claim leadership, waiting as a standby while another coordinator holds
     it; `client` is for the standby's reads and watches. Returns the started
-    lease of the new leader. etcd errors (down, refused) propagate."""
+    lease of the new leader. An etcd that is down or does not answer is
+    waited for (a standby that exits during an etcd outage would leave the
+    cluster without a coordinator once etcd is back)."""
     announced: str | None = None
+    failures = 0
     while True:
         lease = make_lease()
-        got = await client.get(lease.key)
-        if got is None:
-            try:
+        try:
+            got = await asyncio.wait_for(client.get(lease.key), ETCD_CALL_TIMEOUT_S)
+            if got is None:
                 await lease.start()
                 return lease
-            except LeadershipTaken as taken:  # another standby was quicker
-                holder, revision = taken.holder, taken.revision
-        else:
             holder, revision = decode_leader(bytes(got.value)) or {}, int(got.mod_revision)
+        except LeadershipTaken as taken:  # another standby was quicker
+            holder, revision = taken.holder, taken.revision
+        except (aetcd.ClientError, TimeoutError) as exc:
+            failures += 1
+            log.log(
+                logging.WARNING if failures == 1 else logging.DEBUG,
+                "etcd unavailable; campaigning again",
+                extra=fields(cluster=lease.cluster, failures=failures, error=repr(exc)),
+            )
+            await asyncio.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))
+            continue
+        if failures:
+            log.info("etcd answers again", extra=fields(cluster=lease.cluster, failures=failures))
+            failures = 0
         holder_id = str(holder.get("id", ""))
         if holder_id != announced:
             announced = holder_id
@@ -163,7 +179,10 @@ async def campaign(
                 on_standby(holder)
         # Until the key changes after what we saw (its holder went), or a
         # while passes: a watch that lost its event must not keep us waiting.
-        with contextlib.suppress(aetcd.exceptions.WatchTimeoutError):
-            await client.watch_once(
-                lease.key, timeout=STANDBY_RECHECK_S, start_revision=revision + 1
+        with contextlib.suppress(TimeoutError, aetcd.ClientError):
+            await asyncio.wait_for(
+                client.watch_once(
+                    lease.key, timeout=STANDBY_RECHECK_S, start_revision=revision + 1
+                ),
+                STANDBY_RECHECK_S + ETCD_CALL_TIMEOUT_S,
             )

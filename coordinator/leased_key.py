@@ -2,11 +2,21 @@
 a rank's key (worker_agent.lease) and the leader key (coordinator.election).
 
 Whoever watches the key sees a DELETE when the lease expired (the process
-died, hung or lost etcd) or was revoked (clean shutdown). The holder must reach
-the same conclusion on its own: once a refresh says the lease is gone (TTL 0),
-or no refresh has succeeded for a whole TTL, the others may already have acted
-on its absence, so the lease is reported LOST (once) and the holder must stop
-acting on it. A lost lease is never re-granted here.
+died, hung or lost etcd) or was revoked (clean shutdown). What the holder does
+then depends on what the key stands for:
+
+- The leader key (`renews = False`): once a refresh says the lease is gone
+  (TTL 0), or no refresh has succeeded for a whole TTL, a standby may already
+  lead, so the lease is reported LOST (once) and the holder must stop acting
+  on it (fencing). It is never re-granted.
+- A rank key (`renews = True`): a lost lease is not evidence that the rank is
+  dead (an etcd outage takes every lease with it), and the rank keeps serving.
+  The keepalive goes on trying for as long as it takes; once etcd answers
+  again, a lease it still knows is refreshed as if nothing happened (etcd
+  extends every lease when it elects a leader), and a lease it dropped is
+  replaced: a new lease is granted, the key put on it, and `on_renewed` hears
+  the new lease id, for the holder to bind its session to it. Whether the rank
+  stays a member is the coordinator's decision, not the lease's.
 
 Short of a loss, the keepalive reports whether etcd answers it: a refresh that
 failed, or went unanswered for UNANSWERED_S, makes `refresh_problem` non-empty
@@ -50,6 +60,9 @@ class LeasedKey:
     """
 
     kind = "key"  # names the lease in log messages
+    # Whether a lost lease is replaced by a new one (rank keys) rather than
+    # reported lost for good (the leader key): see the module docstring.
+    renews = False
 
     def __init__(
         self,
@@ -60,6 +73,7 @@ class LeasedKey:
         ttl: int = 1,
         value: Mapping[str, Any] | None = None,
         on_lost: Callable[[], None] | None = None,
+        on_renewed: Callable[[int], None] | None = None,
         start_timeout_s: float = 10.0,
         log_fields: Mapping[str, Any] | None = None,
         access: etcd_keys.EtcdAccess | None = None,
@@ -73,6 +87,8 @@ class LeasedKey:
         self._fields: dict[str, Any] = dict(log_fields or {})
         self._value: dict[str, Any] = dict(value or {})
         self._on_lost = on_lost
+        self._on_renewed = on_renewed
+        self.renewals = 0  # leases granted in place of a lost one
         self.start_timeout_s = start_timeout_s
         self.access = access
         # Empty while etcd answers the refreshes; else why the last did not
@@ -205,19 +221,31 @@ class LeasedKey:
 
     async def _refresh_until_lost(self, expires_at: float) -> None:
         assert self._client is not None and self._lease_id is not None
-        client, lease_id = self._client, self._lease_id
+        client = self._client
         interval = self._granted_ttl / 3
         next_at = time.monotonic() + interval
         failures = 0
+        overdue_logged = False
         while True:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            lease_id = self.lease_id
             sent_at = time.monotonic()
             left = expires_at - sent_at
             if left <= 0:
-                self._declare_lost(
-                    f"no successful refresh for {self._granted_ttl}s ({failures} failed)"
-                )
-                return
+                if not self.renews:
+                    self._declare_lost(
+                        f"no successful refresh for {self._granted_ttl}s ({failures} failed)"
+                    )
+                    return
+                if not overdue_logged:
+                    overdue_logged = True
+                    log.warning(
+                        f"{self.kind} lease may have expired; still trying to refresh it",
+                        extra=fields(**self._fields, lease_id=lease_id, failures=failures),
+                    )
+                # Past its TTL by our clock: etcd may still hold it (a restarted
+                # etcd extends every lease), or say TTL 0 once it answers.
+                left = max(float(self._granted_ttl), UNANSWERED_S)
             try:
                 # Bounded by the TTL left: a refresh answered later than that
                 # cannot save the lease anyway.
@@ -240,22 +268,60 @@ class LeasedKey:
                     ),
                 )
                 self._report_refresh(f"lease refresh failed: {exc!r}")
-                next_at = time.monotonic() + min(interval, RETRY_INTERVAL_S)
+                next_at = time.monotonic() + min(interval, RETRY_INTERVAL_S * 2 ** min(failures, 4))
                 continue
             if reply.TTL <= 0:
-                self._declare_lost("etcd says the lease expired (refresh returned TTL 0)")
-                return
+                if not self.renews:
+                    self._declare_lost("etcd says the lease expired (refresh returned TTL 0)")
+                    return
+                expires_at = await self._renew(client, lease_id)
+                sent_at = expires_at - self._granted_ttl
+            else:
+                # The lease runs from when etcd handled the refresh, which is
+                # no earlier than when we sent it.
+                expires_at = sent_at + int(reply.TTL)
             if failures or self.refresh_problem:
                 log.info(
                     f"{self.kind} lease refresh recovered",
-                    extra=fields(**self._fields, lease_id=lease_id, failures=failures),
+                    extra=fields(**self._fields, lease_id=self.lease_id, failures=failures),
                 )
                 failures = 0
+            overdue_logged = False
             self._report_refresh("")
-            # The lease runs from when etcd handled the refresh, which is no
-            # earlier than when we sent it.
-            expires_at = sent_at + int(reply.TTL)
             next_at = sent_at + interval
+
+    async def _renew(self, client: aetcd.Client, lost_id: int) -> float:
+        """Replace a lease etcd no longer has: grant a new one and put the key
+        on it, retrying until etcd takes both. Returns when the new lease
+        expires unless refreshed."""
+        log.warning(
+            f"{self.kind} lease expired in etcd; granting a new one",
+            extra=fields(**self._fields, lease_id=lost_id),
+        )
+        backoff = RETRY_INTERVAL_S
+        while True:
+            granted_at = time.monotonic()
+            try:
+                await asyncio.wait_for(self._grant_and_put(client), self.start_timeout_s)
+                break
+            except Exception as exc:
+                log.warning(
+                    f"{self.kind} lease renewal failed, retrying",
+                    extra=fields(**self._fields, error=repr(exc), retry_in_s=backoff),
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        self.renewals += 1
+        log.warning(
+            f"{self.kind} lease renewed",
+            extra=fields(**self._fields, lost_lease_id=lost_id, lease_id=self._lease_id),
+        )
+        if self._on_renewed is not None:
+            try:
+                self._on_renewed(self.lease_id)
+            except Exception:
+                log.exception("on_renewed callback failed", extra=fields(**self._fields))
+        return granted_at + self._granted_ttl
 
     async def _refresh(self, client: aetcd.Client, lease_id: int, left: float) -> Any:
         """One refresh, waited for up to `left` seconds; one still unanswered

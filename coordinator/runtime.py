@@ -6,15 +6,16 @@ the sessions (write-ahead: what a rank is told is never ahead of what etcd says)
 
 Only the leader runs a Coordinator (coordinator.election). Each record write is
 fenced by the leader key; a write the fence refuses, or etcd unreachable for
-longer than the leader lease, deposes this coordinator: it stops dispatching
-and `serve` returns by raising Deposed, for the process to exit and its
-supervisor to restart it as a standby.
+longer than the leader lease, deposes this coordinator: it stops dispatching,
+its Coordinator is torn down (sessions, gRPC server, store), and `serve` stands
+by again in the same process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -111,6 +112,8 @@ class Coordinator:
             hold_lead_s=config.hold_lead_s,
             deadlines_s=config.phase_deadlines_s,
             hang_timeout_s=config.hang_timeout_s,
+            lease_rebind_s=config.lease_rebind_s,
+            reconnect_window_s=config.reconnect_window_s or 2.0 * config.leader_ttl_s,
         )
         self.history = History()
         self.sessions: dict[str, SessionChannel] = {}
@@ -495,39 +498,62 @@ async def serve(
 ) -> None:
     """Run the daemon until cancelled: stand by while another coordinator
     leads, then lead. `on_standby` is called with the leader's key value each
-    time a new leader is seen, `on_ready` once this one leads and serves.
-    `secrets`: what the configuration's files hold (read here when None;
-    ConfigError when one is unusable). Raises Deposed when leadership is lost."""
+    time a new leader is seen (and with {} when this one steps down),
+    `on_ready` each time this one leads and serves. `secrets`: what the
+    configuration's files hold (read here when None; ConfigError when one is
+    unusable).
+
+    A leader that loses its leadership (a fenced write refused, its lease lost
+    to an etcd outage or a freeze) steps down in this process: it stops
+    serving at once and stands by again, so that once etcd answers some
+    coordinator leads without anyone restarting one."""
     if secrets is None:
         secrets = security.load_server_secrets(config)
     host, port = split_host_port(config.etcd)
     access = security.etcd_access(config)
-    identity = {"id": uuid.uuid4().hex[:12], "pid": os.getpid(), "host": socket.gethostname()}
     watcher = etcd_keys.new_client(host, port, access=access)
     try:
-        leader = await campaign(
-            lambda: LeaderLease(
-                host,
-                port,
-                config.cluster,
-                ttl=config.leader_ttl_s,
-                identity=identity,
-                access=access,
-            ),
-            watcher,
-            on_standby=on_standby,
-        )
+        while True:
+            # A new identity per term: agents tell this term's leader from
+            # the last one's by it.
+            identity = {
+                "id": uuid.uuid4().hex[:12],
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+            }
+            leader = await campaign(
+                functools.partial(
+                    LeaderLease,
+                    host,
+                    port,
+                    config.cluster,
+                    ttl=config.leader_ttl_s,
+                    identity=identity,
+                    access=access,
+                ),
+                watcher,
+                on_standby=on_standby,
+            )
+            log.info(
+                "leading",
+                extra=fields(
+                    cluster=config.cluster, id=identity["id"], fence=leader.fence_revision
+                ),
+            )
+            try:
+                await _lead(config, leader, on_ready, secrets)
+            except Deposed as exc:
+                log.error(
+                    "stepped down; standing by",
+                    extra=fields(cluster=config.cluster, reason=str(exc)),
+                )
+                if on_standby is not None:
+                    on_standby({})
+            finally:
+                await leader.stop()  # revoked: a standby takes over now, not a TTL later
     finally:
         with contextlib.suppress(Exception):
             await watcher.close()
-    log.info(
-        "leading",
-        extra=fields(cluster=config.cluster, id=identity["id"], fence=leader.fence_revision),
-    )
-    try:
-        await _lead(config, leader, on_ready, secrets)
-    finally:
-        await leader.stop()  # revoked: a standby takes over now, not a TTL later
 
 
 def _bind(

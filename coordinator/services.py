@@ -133,6 +133,7 @@ class SessionChannel:
 class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
+        self._renewals: set[asyncio.Task[None]] = set()
 
     async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         try:
@@ -199,6 +200,17 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 self.coordinator.submit(sm.SessionClosed(hello.rank, session))
                 log.info("session closed", extra=fields(rank=hello.rank, session=session[:8]))
 
+    async def _lease_renewed(self, rank: int, session: str, lease_id: int) -> None:
+        try:
+            key_lease = await asyncio.wait_for(
+                self.coordinator.key_lease(rank), LEASE_READ_TIMEOUT_S
+            )
+        except (TimeoutError, aetcd.ClientError) as exc:
+            # The rank's lease-lost window runs on; it may say so again.
+            log.warning("cannot check a renewed lease", extra=fields(rank=rank, error=repr(exc)))
+            return
+        self.coordinator.submit(sm.LeaseRenewed(rank, session, lease_id, key_lease))
+
     async def _key_lease(self, hello: worker_pb2.Hello) -> int:
         """The lease that holds the hello's rank key in etcd now (0: no key);
         the state machine accepts the hello only when it is the hello's own.
@@ -256,6 +268,14 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     case "step_failed":
                         f = msg.step_failed
                         submit(sm.StepFailed(rank, session, f.epoch, f.last_completed, f.message))
+                    case "lease_renewed":
+                        # Read off the reading loop: etcd may be slow right
+                        # after the outage that took the old lease.
+                        renewal = asyncio.create_task(
+                            self._lease_renewed(rank, session, msg.lease_renewed.lease_id)
+                        )
+                        self._renewals.add(renewal)
+                        renewal.add_done_callback(self._renewals.discard)
                     case "ack":
                         reply = reply_from_proto(msg.ack)
                         if reply is None:

@@ -39,6 +39,16 @@ STEP_FAILURE_WINDOW_S = 0.2
 # The hold lead learned from retargets stops growing here (unless the
 # configured lead is larger): far below the pausing deadline.
 MAX_LEARNED_HOLD_LEAD_S = 1.0
+# How long a rank whose lease expired while its session stayed open has to bind
+# its session to a new lease before the expiry counts as its death. An etcd
+# outage expires every lease at once; the ranks live on and renew theirs.
+DEFAULT_LEASE_REBIND_S = 3.0
+# How long a new leader waits for the members to reconnect before their silence
+# counts as evidence (a member without a rank key is failed after it, a phase
+# deadline may declare the silent ones hung only after it).
+DEFAULT_RECONNECT_WINDOW_S = 10.0
+# Expired lease ids remembered per rank (RankView.dead_leases).
+DEAD_LEASES_KEPT = 16
 
 
 class Phase(StrEnum):
@@ -189,6 +199,17 @@ class LeaseExpired:
 
 
 @dataclass(frozen=True)
+class LeaseRenewed:
+    """A rank bound its live session to a new lease (etcd dropped the old one).
+    `key_lease`: the lease holding its key in etcd, as the service read it."""
+
+    rank: int
+    session: str
+    lease_id: int
+    key_lease: int
+
+
+@dataclass(frozen=True)
 class ProgressReported:
     rank: int
     session: str
@@ -325,6 +346,7 @@ Event = (
     RankRegistered
     | SessionClosed
     | LeaseExpired
+    | LeaseRenewed
     | ProgressReported
     | JoinerReady
     | StepFailed
@@ -555,6 +577,9 @@ class ClusterRecord:
     auto_rejoin: bool = True
     # Ranks an operator drained and has not admitted again: never auto-admitted.
     drained: tuple[int, ...] = ()
+    # (rank, incarnation) of each live member: a new leader recognises a
+    # member that reconnects even when an etcd outage took its key.
+    incarnations: tuple[tuple[int, str], ...] = ()
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -598,6 +623,7 @@ class ClusterRecord:
                 next_command_id=int(d.get("next_command_id", 1)),
                 auto_rejoin=bool(d.get("auto_rejoin", True)),
                 drained=tuple(int(r) for r in d.get("drained", ())),
+                incarnations=tuple((int(r), str(i)) for r, i in d.get("incarnations", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"unreadable cluster record: {exc!r}") from exc
@@ -615,6 +641,13 @@ class RankView:
     # the record is suspect too until it reconnects, but its silence is the
     # take-over's, not evidence of a death.
     session_closed: bool = False
+    # When etcd dropped its lease while its session stayed open: it has
+    # `lease_rebind_s` to bind the session to a new lease (LeaseRenewed).
+    lease_lost_at: float | None = None
+    # Leases of this rank whose expiry etcd reported: a renewal or hello naming
+    # one arrived after its own expiry (the two travel different paths) and
+    # proves nothing.
+    dead_leases: set[int] = field(default_factory=set)
     failed: bool = False
     ready: bool = False
 
@@ -679,6 +712,8 @@ class RecoveryStateMachine:
         hold_lead_s: float = 0.05,
         deadlines_s: Mapping[Phase, float | None] | None = None,
         hang_timeout_s: float | None = DEFAULT_HANG_TIMEOUT_S,
+        lease_rebind_s: float = DEFAULT_LEASE_REBIND_S,
+        reconnect_window_s: float = DEFAULT_RECONNECT_WINDOW_S,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -693,6 +728,10 @@ class RecoveryStateMachine:
         self.hold_lead_now_s = hold_lead_s
         self.deadlines_s = {**DEFAULT_DEADLINES_S, **(deadlines_s or {})}
         self.hang_timeout_s = hang_timeout_s
+        self.lease_rebind_s = lease_rebind_s
+        self.reconnect_window_s = reconnect_window_s
+        # Until when a new leader waits for the members to reconnect (restore).
+        self._reconnect_until = 0.0
         # Since when no operation runs: a rank's silence counts from here at the
         # earliest (held ranks report nothing).
         self._quiet_since = 0.0
@@ -721,6 +760,9 @@ class RecoveryStateMachine:
         self._now = 0.0
         self._last_record: ClusterRecord | None = None
         self._admin_answers: OrderedDict[str, tuple[AdminCommand, AdminAnswered]] = OrderedDict()
+        # Processes of members (and joiners) of a cluster that was lost: never
+        # founders of the next formation (see _cluster_lost).
+        self._lost_incarnations: set[str] = set()
 
     # --- public -------------------------------------------------------------
 
@@ -747,6 +789,8 @@ class RecoveryStateMachine:
                 self._on_session_closed(event)
             case LeaseExpired():
                 self._on_lease_expired(event)
+            case LeaseRenewed():
+                self._on_lease_renewed(event)
             case JoinerReady():
                 self._on_joiner_ready(event)
             case StepFailed():
@@ -776,6 +820,13 @@ class RecoveryStateMachine:
             next_command_id=self._next_command_id,
             auto_rejoin=self.auto_rejoin,
             drained=tuple(sorted(self.drained)),
+            incarnations=tuple(
+                (r, view.incarnation)
+                for r in self.members
+                if (view := self.ranks.get(r)) is not None
+                and not view.failed
+                and r not in self.joiners
+            ),
         )
 
     def restore(
@@ -783,8 +834,10 @@ class RecoveryStateMachine:
     ) -> list[Action]:
         """Take over from a coordinator that stopped (crashed, restarted, was
         deposed) with `record` persisted. `live` maps each rank whose etcd key
-        still exists to its (incarnation, lease id): those are expected to
-        reconnect; members without a key died meanwhile.
+        still exists to its (incarnation, lease id). Every member is expected to
+        reconnect: one with a key until its lease ends, one without (it died,
+        or is renewing a lease an etcd outage took) for the reconnection
+        window.
 
         An operation in flight is rolled back under its own id: survivors
         rebuild the last committed epoch's groups (or the committed one's, if
@@ -809,16 +862,32 @@ class RecoveryStateMachine:
         self.auto_rejoin = record.auto_rejoin  # an operator's choice outlives a restart
         self.drained = set(record.drained)
         self.phase = record.phase
+        self._reconnect_until = now + self.reconnect_window_s
+        live_members = dict(record.incarnations)
         for rank in self.members:
-            if rank in live:
-                incarnation, lease_id = live[rank]
-                # No session until it reconnects: suspect, like a blip.
-                self.ranks[rank] = RankView(
-                    incarnation=incarnation, lease_id=lease_id, last_seen=now, suspected_at=now
-                )
+            key = live.get(rank)
+            if key is not None and (not live_members or key[0] == live_members.get(rank)):
+                incarnation, lease_id = key
+            elif key is None and rank in live_members:
+                # No key, but live when last persisted: maybe a rank renewing
+                # a lease that an etcd outage took. It has the reconnection
+                # window to come back (_check_leases fails it after that).
+                incarnation, lease_id = live_members[rank], 0
             else:
+                # Failed before, or its key is held by another process (a
+                # relaunch, which registers as a joiner): the member is gone.
+                reason = (
+                    "replaced by a new incarnation while no coordinator ran"
+                    if key is not None
+                    else "lease gone while no coordinator ran"
+                )
                 self.ranks[rank] = RankView(failed=True)
-                self._emit(RankFailed(rank, "lease gone while no coordinator ran", None, now))
+                self._emit(RankFailed(rank, reason, None, now))
+                continue
+            # No session until it reconnects: suspect, like a blip.
+            self.ranks[rank] = RankView(
+                incarnation=incarnation, lease_id=lease_id, last_seen=now, suspected_at=now
+            )
         op = record.operation
         if op is not None and self.members:
             self.op = Operation(
@@ -859,7 +928,9 @@ class RecoveryStateMachine:
             return "absent"
         if view.failed:
             return "failed"
-        if rank in self.members and view.suspected_at is not None:
+        if rank in self.members and (
+            view.suspected_at is not None or view.lease_lost_at is not None
+        ):
             return "suspect"
         if rank in self.members:
             return "serving"
@@ -890,6 +961,15 @@ class RecoveryStateMachine:
                 Code.FAILED_PRECONDITION,
                 f"engine fingerprint {ev.fingerprint!r} of rank {ev.rank} does not match "
                 f"the cluster's {self.fingerprint!r}",
+            )
+        if ev.incarnation in self._lost_incarnations:
+            # Its engine served the lost cluster's epochs: it cannot start a
+            # new formation from iteration 0 without starting afresh.
+            return self._refuse_hello(
+                ev,
+                Code.FAILED_PRECONDITION,
+                f"rank {ev.rank}'s process served the cluster that was lost; relaunch it "
+                "(with or without --rejoin) to form the cluster again",
             )
         view = self.ranks.get(ev.rank)
         if ev.rank in self.drained and view and view.incarnation == ev.incarnation:
@@ -930,6 +1010,12 @@ class RecoveryStateMachine:
                 f"{ev.key_lease:x} does): a session speaks only for its own rank's lease",
             )
         if view and not view.failed and view.incarnation == ev.incarnation:
+            if ev.lease_id in view.dead_leases:
+                return self._refuse_hello(
+                    ev,
+                    Code.FAILED_PRECONDITION,
+                    f"lease {ev.lease_id:x} of rank {ev.rank} has expired",
+                )
             # The same process reconnecting (its session broke): adopt the new one.
             return self._reattach(ev, view)
         if not self.members:
@@ -955,7 +1041,11 @@ class RecoveryStateMachine:
         self._maybe_start_operation()
 
     def _register_founder(self, ev: RankRegistered) -> None:
-        if ev.rejoin:
+        # A cluster that formed before and lost every member (last_epoch > 0)
+        # is formed again by whatever comes back, relaunched with --rejoin as
+        # supervisors do; the epochs go on upward. Only a cluster that never
+        # formed needs first starts.
+        if ev.rejoin and self.last_epoch == 0:
             return self._refuse_hello(
                 ev,
                 Code.FAILED_PRECONDITION,
@@ -985,6 +1075,8 @@ class RecoveryStateMachine:
         self._maybe_start_operation()
 
     def _reattach(self, ev: RankRegistered, view: RankView) -> None:
+        if ev.lease_id != view.lease_id:
+            view.lease_lost_at = None  # it came back on a new lease
         view.session = ev.session
         view.lease_id = ev.lease_id
         view.suspected_at = None
@@ -1017,6 +1109,9 @@ class RecoveryStateMachine:
             # Not serving anyone: a joiner or founder that left is simply gone.
             return self._confirm_failed(ev.rank, "session closed before admission")
         if ev.rank in self.members:
+            if view.lease_lost_at is not None:
+                # Both signals: no lease, and now no session either.
+                return self._confirm_failed(ev.rank, "lease expired and session closed")
             view.suspected_at = self._now
             view.session_closed = True
             # A peer's step that failed just before is the other half of the
@@ -1029,6 +1124,10 @@ class RecoveryStateMachine:
 
     def _on_lease_expired(self, ev: LeaseExpired) -> None:
         view = self.ranks.get(ev.rank)
+        if view is not None and ev.lease_id:
+            if len(view.dead_leases) >= DEAD_LEASES_KEPT:
+                view.dead_leases.pop()
+            view.dead_leases.add(ev.lease_id)
         if view is None or view.failed or (ev.lease_id and ev.lease_id != view.lease_id):
             return
         if ev.rank in self.drained and ev.rank not in self.joiners:
@@ -1036,7 +1135,64 @@ class RecoveryStateMachine:
             # not a failure.
             view.session = None
             return
+        if view.session is not None:
+            # Its session is open: the lease alone does not prove it dead (an
+            # etcd outage expires every lease). It binds its session to a new
+            # lease within lease_rebind_s, or is failed (_check_leases).
+            if view.lease_lost_at is None:
+                view.lease_lost_at = self._now
+            return
         self._confirm_failed(ev.rank, "lease expired")
+
+    def _on_lease_renewed(self, ev: LeaseRenewed) -> None:
+        view = self._current(ev.rank, ev.session)
+        if view is None or view.failed:
+            return
+        if ev.lease_id in view.dead_leases:
+            # Its new lease is gone too: it is as lease-less as before.
+            if view.lease_lost_at is None:
+                view.lease_lost_at = self._now
+            return
+        if ev.key_lease != ev.lease_id:
+            # Not the lease that holds its key: no proof of anything.
+            self._emit(
+                Refuse(
+                    ev.rank,
+                    ev.session,
+                    Code.PERMISSION_DENIED,
+                    f"lease {ev.lease_id:x} does not hold rank {ev.rank}'s key",
+                )
+            )
+            return
+        view.lease_id = ev.lease_id
+        view.lease_lost_at = None
+        self._maybe_start_operation()  # a grow may have waited for this suspicion
+
+    def _check_leases(self) -> None:
+        """Members that lost their lease and did not bind a new one in time,
+        and, once a new leader's reconnection window has passed, members that
+        neither reconnected nor have a key: both are failed."""
+        for rank, view in sorted(self.ranks.items()):
+            if view.failed:
+                continue
+            if view.lease_lost_at is not None and (
+                self._now - view.lease_lost_at > self.lease_rebind_s
+            ):
+                reason = f"lease expired and no new lease within {self.lease_rebind_s:g} s"
+                self._end_session(rank, f"removed: {reason}")
+                self._confirm_failed(rank, reason)
+            elif (
+                rank in self.members
+                and view.session is None
+                and view.lease_id == 0
+                and view.suspected_at is not None
+                and self._now > self._reconnect_until
+            ):
+                self._confirm_failed(
+                    rank,
+                    f"no rank key and no reconnection within {self.reconnect_window_s:g} s "
+                    "of the take-over",
+                )
 
     def _on_progress(self, ev: ProgressReported) -> None:
         view = self._current(ev.rank, ev.session)
@@ -1285,6 +1441,7 @@ class RecoveryStateMachine:
         )
 
     def _on_tick(self) -> None:
+        self._check_leases()
         op = self.op
         if op is None:
             # A scan of every member; the timeout is tens of seconds, so once
@@ -1297,6 +1454,11 @@ class RecoveryStateMachine:
         phase = PHASE_OF[(op.kind, op.step)]
         limit = self.deadlines_s.get(phase)
         if limit is None or self._now - op.step_started_at <= limit:
+            return
+        if self._now <= self._reconnect_until and any(
+            self.ranks.get(r, RankView()).session is None for r in op.awaiting
+        ):
+            # A new leader: the silent ones may still be on their way to it.
             return
         reason = f"{phase} passed its deadline of {limit:g} s"
         # The ranks that never answered are hung: alive by their lease, silent
@@ -1421,7 +1583,7 @@ class RecoveryStateMachine:
         member_views = [self.ranks.get(r, RankView()) for r in self.members]
         if any(v.failed for v in member_views):
             return self._start_shrink()
-        if any(v.suspected_at is not None for v in member_views):
+        if any(v.suspected_at is not None or v.lease_lost_at is not None for v in member_views):
             return  # admit once the suspicion is cleared or confirmed
         # A drained rank waits for an operator's Admit, whatever auto_rejoin says.
         joiners = sorted(r for r in self.joiners if self.ranks[r].session and r not in self.drained)
@@ -1452,13 +1614,19 @@ class RecoveryStateMachine:
 
     def _cluster_lost(self, why: str) -> None:
         # No member is left to hold the weights: the cluster must be formed anew.
-        message = f"cluster lost: {why}; start every rank again without --rejoin"
+        message = (
+            f"cluster lost: {why}; it forms again as its ranks come back "
+            "(relaunched, with or without --rejoin)"
+        )
         for rank in self.members:
             view = self.ranks.get(rank)
             if view is not None and not view.failed:
                 # A survivor with only part of the experts can serve nothing.
                 self._end_session(rank, message)
                 self._mark_failed(rank, message)
+        self._lost_incarnations.update(
+            v.incarnation for r in {*self.members, *self.joiners} if (v := self.ranks.get(r))
+        )
         for rank in sorted(self.joiners):
             self._send_retry(rank, message)
         self.joiners.clear()

@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGKILL, or SIGSTOP with stop:. Killed ranks are relaunched with --rejoin",
     )
     demo.add_argument(
+        "--fault-hold",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a stop: fault keeps its process stopped, and an etcd fault keeps etcd down, "
+        "this long (default: thawed once the cluster moved on; etcd restarted at once)",
+    )
+    demo.add_argument(
         "--list-phases", action="store_true", help="print the phase names, in timeline order"
     )
 
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from epctl.demo import DemoOptions, check_kills, render_report, report_ok, run_demo
-    from epctl.faults import PHASES, parse_fault
+    from epctl.faults import PHASES, check_fault_hold, parse_fault
 
     if args.list_phases:
         sys.stdout.write("".join(f"{phase}\n" for phase in PHASES))
@@ -232,9 +240,11 @@ def _demo(args: argparse.Namespace) -> int:
         lease_ttl_s=args.lease_ttl,
         workdir=args.workdir,
         faults=faults,
+        fault_hold_s=args.fault_hold,
     )
     try:
         check_kills(opts)
+        check_fault_hold(opts.fault_hold_s, opts.faults)
     except ValueError as exc:
         sys.stderr.write(f"epctl demo: {exc}\n")
         return EXIT_USAGE

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from epctl.faults import Fault
+from epctl.faults import Fault, check_fault_hold
 from epctl.local_cluster import (
     ClusterError,
     ClusterSpec,
@@ -44,6 +44,10 @@ class DemoOptions:
     deadline_s: float = 180.0
     workdir: Path | None = None
     faults: list[Fault] = field(default_factory=list)
+    # --fault-hold: how long a SIGSTOPped process stays stopped and a killed
+    # etcd stays down (None: thawed once the cluster moved on; etcd restarted
+    # at once).
+    fault_hold_s: float | None = None
 
 
 def check_kills(opts: DemoOptions) -> None:
@@ -55,6 +59,8 @@ def check_kills(opts: DemoOptions) -> None:
                 f"--kill {','.join(map(str, event))}: rank {outside[0]} is outside the "
                 f"cluster (0..{opts.ranks - 1})"
             )
+        if set(event) == set(range(opts.ranks)):
+            continue  # a total loss: the relaunched ranks form the cluster again
         expert = expert_lost_with(opts.ranks, opts.ranks_per_node, opts.seed, set(event))
         if expert is not None:
             raise ValueError(
@@ -75,25 +81,25 @@ def run_demo(opts: DemoOptions, out: TextIO) -> dict[str, Any]:
             out.flush()
 
     check_kills(opts)
+    check_fault_hold(opts.fault_hold_s, opts.faults)
     targets = {f.target for f in opts.faults}
     if "etcd" in targets and opts.etcd is not None:
         raise ClusterError("--fault etcd@...: needs the demo's own etcd (no --etcd)")
-    # etcd restarts take about a second: leases must outlive them.
-    lease_ttl_s = max(opts.lease_ttl_s, 5) if "etcd" in targets else opts.lease_ttl_s
+    # The leases stay short through an etcd outage: the ranks serve on and
+    # renew theirs, the leader steps down and leads again (docs/architecture.md).
     spec = ClusterSpec(
         ranks=opts.ranks,
         ranks_per_node=opts.ranks_per_node,
         seed=opts.seed,
         etcd=opts.etcd,
-        lease_ttl_s=lease_ttl_s,
-        leader_ttl_s=5 if "etcd" in targets else 2,
+        lease_ttl_s=opts.lease_ttl_s,
+        leader_ttl_s=2,
         # With the leader as a target, a standby runs beside it from the start.
         standby="coordinator" in targets,
+        fault_hold_s=opts.fault_hold_s,
         workdir=opts.workdir,
         deadline_s=opts.deadline_s,
     )
-    if lease_ttl_s != opts.lease_ttl_s:
-        show(f"rank leases of {lease_ttl_s} s, to outlive the etcd restart")
     with local_cluster(spec, show) as cluster:
         requests = make_requests(opts.seed, opts.requests)
         expected = reference_outputs(cluster.weights, cluster.cfg, requests)
@@ -117,6 +123,7 @@ def run_demo(opts: DemoOptions, out: TextIO) -> dict[str, Any]:
         if not router.wait_all_answered(opts.deadline_s):
             show(f"requests never answered: {router.unanswered()}")
         final = cluster.status()
+        cluster.note_exits()
         report: dict[str, Any] = {
             "ranks": opts.ranks,
             "failures": failures,
@@ -129,6 +136,9 @@ def run_demo(opts: DemoOptions, out: TextIO) -> dict[str, Any]:
             **requests_report(cluster, requests, expected),
             "final_epoch": final.epoch,
             "final_members": list(final.members),
+            # Processes that ended without the demo killing them (the
+            # supervisor relaunched them): {"who", "rc", "at_ms"}.
+            "unplanned_exits": cluster.unplanned_exits,
             "timeline": timeline_report(cluster),
         }
         return report
@@ -157,6 +167,8 @@ def render_report(report: dict[str, Any], out: TextIO) -> None:
             )
         else:
             out.write(f"fault    {f['fault']}: NOT FIRED (the phase never began)\n")
+    for x in report.get("unplanned_exits", []):
+        out.write(f"exit     {x['who']} exited by itself (rc {x['rc']}) at {x['at_ms']} ms\n")
     out.write(
         f"requests: {req['submitted']} submitted, {req['completed']} completed, "
         f"{req['lost']} lost, {req['duplicated']} duplicated ({req['reassigned']} re-routed)\n"

@@ -32,6 +32,23 @@ class Fault:
         return f"{'stop:' if self.stop else ''}{self.who}@{self.phase}"
 
 
+def check_fault_hold(hold_s: float | None, faults: list[Fault]) -> None:
+    """`--fault-hold`: a SIGSTOPped process stays stopped, and an etcd killed by
+    a fault stays down, this long; ValueError naming what is wrong."""
+    if hold_s is None:
+        return
+    if hold_s < 0:
+        raise ValueError(f"--fault-hold {hold_s:g}: must be 0 or more seconds")
+    if not faults:
+        raise ValueError("--fault-hold needs a --fault (stop:WHO@PHASE or etcd@PHASE)")
+    for fault in faults:
+        if not (fault.stop or fault.target == "etcd"):
+            raise ValueError(
+                f"--fault-hold applies to stop: faults and to etcd; {fault} is a SIGKILL "
+                "(held processes are SIGSTOPped ones; a killed one is relaunched at once)"
+            )
+
+
 def parse_fault(text: str, world_size: int) -> Fault:
     """`[stop:]WHO@PHASE`; ValueError naming what is wrong."""
     spec = text.strip()

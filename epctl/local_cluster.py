@@ -57,6 +57,8 @@ class Processes:
         self._logs: list[TextIO] = []
         self._lock = threading.Lock()  # faults fire from the watcher's thread
         self._stopped_all = False
+        self._killed: set[int] = set()  # pids this harness SIGKILLed
+        self._reported: set[int] = set()  # pids whose exit was reported
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with self._lock:
@@ -85,8 +87,24 @@ class Processes:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
 
+    def unplanned_exits(self) -> list[tuple[str, int]]:
+        """(name, exit code) of each process that ended since the last call
+        without being killed here."""
+        with self._lock:
+            ended = [
+                (name, proc)
+                for name, proc in self.procs.items()
+                if proc.poll() is not None
+                and proc.pid not in self._killed
+                and proc.pid not in self._reported
+            ]
+            self._reported.update(proc.pid for _, proc in ended)
+        return [(name, int(proc.returncode)) for name, proc in ended]
+
     def kill_together(self, names: list[str]) -> None:
         """SIGKILL these processes back to back (as a lost node does), then reap them."""
+        with self._lock:
+            self._killed.update(self.procs[n].pid for n in names if n in self.procs)
         self.signal(names, signal.SIGKILL)
         for name in names:
             self.procs[name].wait()
@@ -197,8 +215,9 @@ class StatusWatcher:
             self._channel.close()
 
 
-def _restart_etcd(etcd: LocalEtcd) -> None:
+def _restart_etcd(etcd: LocalEtcd, down_s: float) -> None:
     etcd.kill()  # SIGKILL: the data dir stays
+    time.sleep(down_s)
     etcd.start()  # same ports, same data: keys and leases come back
 
 
@@ -222,10 +241,16 @@ class FaultInjector:
         leader_name: Callable[[], str | None],
         show: Callable[[str], None],
         t0_unix_ms: float,
+        hold_s: float | None = None,
     ) -> None:
         self.pending: list[Fault] = []
         self.fired: list[FiredFault] = []
-        self.stopped: set[str] = set()  # SIGSTOPped process names, to resume later
+        # SIGSTOPped process names, to resume later, with when they were stopped.
+        self.stopped: dict[str, float] = {}
+        # How long a stopped process stays stopped, and a killed etcd down;
+        # None: a stopped one is thawed once the cluster moved on without it,
+        # and etcd is restarted at once.
+        self.hold_s = hold_s
         self._procs = procs
         self._etcd = etcd
         self._leader_name = leader_name
@@ -293,10 +318,12 @@ class FaultInjector:
         if fault.target == "etcd":
             assert self._etcd is not None
             # Restarted on its data dir from a thread: the watcher goes on meanwhile.
-            threading.Thread(target=_restart_etcd, args=(self._etcd,), daemon=True).start()
+            threading.Thread(
+                target=_restart_etcd, args=(self._etcd, self.hold_s or 0.0), daemon=True
+            ).start()
         elif fault.stop:
             self._procs.signal(names, signal.SIGSTOP)
-            self.stopped.update(names)
+            self.stopped.update(dict.fromkeys(names, time.monotonic()))
         else:
             self._procs.kill_together(names)  # reaped: none looks alive after this
         what = ", ".join(names) or ("etcd" if fault.target == "etcd" else "nothing")
@@ -304,6 +331,7 @@ class FaultInjector:
             f"[{(now - self._t0) / 1000:7.3f}s] fault {fault}: "
             f"{'SIGSTOP' if fault.stop else 'SIGKILL'} {what}"
             + ("" if fault.target != "etcd" else " (restarted on its data dir)")
+            + (f", held {self.hold_s:g} s" if self.hold_s is not None else "")
         )
         return fired
 
@@ -317,6 +345,7 @@ class ClusterSpec:
     lease_ttl_s: int = 1
     leader_ttl_s: int = 2
     standby: bool = False  # run a standby coordinator beside the leader
+    fault_hold_s: float | None = None  # see FaultInjector.hold_s
     workdir: Path | None = None  # logs and files; None: a temporary dir
     deadline_s: float = 180.0  # for the cluster to converge after a fault
 
@@ -347,7 +376,9 @@ class LocalCluster:
         save_checkpoint(self.checkpoint, self.cfg, self.weights)
         self.coordinators = ["coordinator", *(["standby"] if spec.standby else [])]
         self.router = RequestRouter()
-        self.injector = FaultInjector(procs, etcd, self.leader_name, trace, t0_unix_ms)
+        self.injector = FaultInjector(
+            procs, etcd, self.leader_name, trace, t0_unix_ms, spec.fault_hold_s
+        )
         self.watcher = StatusWatcher(
             self.leader_endpoint, trace, t0_unix_ms, self.injector.on_phase
         )
@@ -357,6 +388,9 @@ class LocalCluster:
         # Each rank's last relaunch: when, and the incarnations seen before it
         # (all of dead processes).
         self.relaunched: dict[int, tuple[float, frozenset[str]]] = {}
+        # Every rank or coordinator process that ended without this harness
+        # killing it: {"who", "rc", "at_ms" (when the supervisor saw it, from t0)}.
+        self.unplanned_exits: list[dict[str, Any]] = []
 
     def close(self) -> None:
         self.watcher.close()
@@ -442,13 +476,17 @@ class LocalCluster:
     def supervise(self) -> None:
         """One pass of what node supervisors and systemd would do."""
         injector = self.injector
-        for name in list(injector.stopped):
-            if name.startswith("rank") and self.rank_state(int(name[4:])) in GONE:
-                self.procs.signal([name], signal.SIGCONT)  # its agent sees the lease lost
-                injector.stopped.discard(name)
-            elif name in self.coordinators and self.leader_name() not in (None, name):
-                self.procs.signal([name], signal.SIGCONT)  # it finds itself deposed
-                injector.stopped.discard(name)
+        for name, since in list(injector.stopped.items()):
+            if injector.hold_s is not None:
+                thaw = time.monotonic() - since >= injector.hold_s
+            elif name.startswith("rank"):
+                thaw = self.rank_state(int(name[4:])) in GONE  # it finds itself removed
+            else:
+                thaw = self.leader_name() not in (None, name)  # it finds itself deposed
+            if thaw:
+                self.procs.signal([name], signal.SIGCONT)
+                del injector.stopped[name]
+        self.note_exits()
         for fired in injector.fired:
             for rank in fired.ranks:
                 self.lost_at[rank] = max(self.lost_at.get(rank, 0.0), fired.at_unix_ms)
@@ -466,6 +504,15 @@ class LocalCluster:
             if name not in injector.stopped and not self.procs.alive(name):
                 self.start_coordinator(name)  # back as a standby, as systemd would
                 self.trace(f"restarted {name}")
+
+    def note_exits(self) -> None:
+        """Add the processes that ended by themselves since the last look to
+        `unplanned_exits`."""
+        for name, rc in self.procs.unplanned_exits():
+            at = time.time() * 1000.0 - self.t0_unix_ms
+            who = f"rank:{name[4:]}" if name.startswith("rank") else name
+            self.unplanned_exits.append({"who": who, "rc": rc, "at_ms": round(at, 1)})
+            self.trace(f"[{at / 1000:7.3f}s] {who} exited by itself (rc {rc})")
 
     def is_back(self, rank: int) -> bool:
         """A process relaunched after the rank's loss serves as a member.

@@ -157,26 +157,11 @@ class EPEngine:
                 staging=self.device.type == "cuda" if staging is None else staging,
                 cuda_graph=cuda_graph,
             )
-            spr = placement.slots_per_rank
-            for layer, slot_expert in enumerate(placement.layers):
-                for slot in placement.slots_of_rank(rank) if load_experts else ():
-                    lw = weights.layers[layer]
-                    self._static.experts.load(
-                        (layer, slot - rank * spr),
-                        lw.w1[slot_expert[slot]],
-                        lw.w2[slot_expert[slot]],
-                    )
-            self._static.experts.sync()
-        for layer, slot_expert in enumerate(placement.layers if not self.static else ()):
+        for layer in range(len(placement.layers)) if not self.static else ():
             for slot in placement.slots_of_rank(rank):
-                if load_experts:
-                    lw = weights.layers[layer]
-                    expert = slot_expert[slot]
-                    # Copies: received expert weights land in these in place.
-                    pair = (lw.w1[expert].clone(), lw.w2[expert].clone())
-                else:
-                    pair = self._empty_slot()
-                self._slots[(layer, slot)] = pair
+                self._slots[(layer, slot)] = self._empty_slot()
+        if load_experts:
+            self.load_experts(weights)
         # Routing statistics (tokens per logical expert per layer): best effort,
         # a rolled-back iteration's tokens stay counted.
         self.expert_tokens = [[0] * cfg.n_experts for _ in range(cfg.n_layers)]
@@ -351,6 +336,26 @@ class EPEngine:
         if pair is None:
             raise ValueError(f"slot {slot} of layer {layer} is not on rank {self.rank}")
         return list(pair)
+
+    def load_experts(self, weights: Weights) -> None:
+        """Fill this rank's slots from `weights` (the checkpoint), as placed
+        now: at start, or when a relaunched rank founds a lost cluster's next
+        formation instead of receiving its experts from peers."""
+        placement, rank = self._placement, self.rank
+        spr = placement.slots_per_rank
+        for layer, slot_expert in enumerate(placement.layers):
+            lw = weights.layers[layer]
+            for slot in placement.slots_of_rank(rank):
+                expert = slot_expert[slot]
+                if self._static is not None:
+                    self._static.experts.load(
+                        (layer, slot - rank * spr), lw.w1[expert], lw.w2[expert]
+                    )
+                else:
+                    # Copies: received expert weights land in these in place.
+                    self._slots[(layer, slot)] = (lw.w1[expert].clone(), lw.w2[expert].clone())
+        if self._static is not None:
+            self._static.experts.sync()
 
     def commit_received(self) -> CommitResult | None:
         """Static path: copy the expert slots received since the last commit to

@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except RegistrationRefused as exc:
         log.error("registration refused", extra=fields(rank=args.rank, reason=str(exc)))
         return 3
+    if args.rejoin and agent.founder:
+        # The cluster was lost: nobody holds experts to send, this rank forms
+        # it again with the others from the checkpoint.
+        engine.load_experts(weights)
+        log.info("founding the cluster again", extra=fields(rank=args.rank))
     try:
         agent.at_boundary(engine.iteration)  # ready: blocks until admitted
         if frontend is not None:

@@ -46,6 +46,7 @@ def test_kill_one_rank_and_rejoin_it_json_contract(tmp_path: Path) -> None:
     assert rc == 0, err[-3000:]
     report = last_json(out)
     _check_served_everything(report, 4)
+    assert report["unplanned_exits"] == []  # the demo killed rank 1; nothing else ended
 
     assert [f["rank"] for f in report["failures"]] == [1]
     assert report["failures"][0]["detect_ms"] > 0
@@ -77,6 +78,23 @@ def test_kill_rank_0_then_a_whole_node(tmp_path: Path) -> None:
     assert _grow_sequences(report["timeline"]) == 3
 
 
+def test_a_total_loss_forms_again_without_an_operator(tmp_path: Path) -> None:
+    """Every rank SIGKILLed at once; the supervisor relaunches them all with
+    --rejoin (as systemd or Kubernetes would): they form the cluster again from
+    the checkpoint, in a later epoch, and every request is answered once."""
+    rc, out, err = _run_demo(tmp_path, "--json", "--kill", "0,1,2,3")
+    assert out.strip(), err[-3000:]
+    report = last_json(out)
+    assert rc == 0, f"{err[-3000:]}\n{report}"
+    _check_served_everything(report, 4)
+    assert report["unplanned_exits"] == []
+    assert sorted(f["rank"] for f in report["failures"]) == [0, 1, 2, 3]
+    assert report["requests"]["reassigned"] > 0  # in flight at the loss, served after it
+    phases = [s["phase"] for s in report["timeline"]]
+    assert "forming" in phases[1:] and phases[-1] == "steady"  # formed again
+    assert report["final_epoch"] > 2
+
+
 def test_human_report_shows_phases_and_verdict(tmp_path: Path) -> None:
     rc, out, err = _run_demo(tmp_path, "--kill", "3", "--requests", "16")
     assert rc == 0, err[-3000:]
@@ -98,6 +116,12 @@ def test_human_report_shows_phases_and_verdict(tmp_path: Path) -> None:
         (["--fault", "node:1@pausing"], "unknown target 'node:1'"),
         (["--fault", "rank:2"], "expected [stop:]WHO@PHASE"),
         (["--fault", "stop:etcd@pausing"], "stop: applies to rank:N, joiner and coordinator"),
+        (["--fault", "etcd@degraded", "--fault-hold", "-1"], "must be 0 or more seconds"),
+        (["--fault-hold", "5"], "--fault-hold needs a --fault"),
+        (
+            ["--fault", "rank:2@pausing", "--fault-hold", "5"],
+            "--fault-hold applies to stop: faults and to etcd; rank:2@pausing is a SIGKILL",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_problem_and_start_nothing(
@@ -202,6 +226,35 @@ MATRIX = [
     and (not stop or phase in ("pausing", "resyncing"))
     and not (stop and who == "coordinator")
 ]
+
+
+# Control-plane faults held long past every lease (docs/faults.md, "Do no
+# harm"): serving never stops and nothing exits but, at most, a frozen leader.
+HELD_CELLS = [
+    (["--kill", "1", "--fault", "etcd@degraded", "--fault-hold", "15"], [1], set()),
+    (
+        ["--kill", "3", "--fault", "stop:coordinator@halting", "--fault-hold", "15"],
+        [3],
+        {"coordinator"},
+    ),
+]
+
+
+@pytest.mark.matrix
+@pytest.mark.timeout(660)
+@pytest.mark.parametrize(("args", "rejoined", "may_exit"), HELD_CELLS)
+def test_held_control_plane_faults_stop_no_serving(
+    tmp_path: Path, args: list[str], rejoined: list[int], may_exit: set[str]
+) -> None:
+    rc, out, err = _run_demo(tmp_path, "--json", *args, timeout=600)
+    assert out.strip(), err[-3000:]
+    report = last_json(out)
+    assert rc == 0, f"{err[-3000:]}\n{report}"
+    _check_served_everything(report, 4)
+    assert [r["rank"] for r in report["rejoins"]] == rejoined
+    assert {x["who"] for x in report["unplanned_exits"]} <= may_exit, report["unplanned_exits"]
+    [injected] = report["faults"]
+    assert injected["fired"] is True and injected["resolution"], injected
 
 
 @pytest.mark.matrix

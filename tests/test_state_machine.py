@@ -39,6 +39,8 @@ from coordinator.plan import transfer_plan
 from coordinator.state_machine import (
     DEFAULT_DEADLINES_S,
     DEFAULT_HANG_TIMEOUT_S,
+    DEFAULT_LEASE_REBIND_S,
+    DEFAULT_RECONNECT_WINDOW_S,
     HANG_CHECK_INTERVAL_S,
     MAX_LEARNED_HOLD_LEAD_S,
     PHASE_OF,
@@ -64,6 +66,7 @@ from coordinator.state_machine import (
     Hold,
     JoinerReady,
     LeaseExpired,
+    LeaseRenewed,
     Leave,
     Operation,
     OperationEnded,
@@ -407,16 +410,58 @@ def test_kill_detected_by_session_and_peer_step_failure_shrinks_to_degraded() ->
     assert (ended.kind, ended.outcome, ended.left) == (OpKind.SHRINK, "completed", (2,))
 
 
-def test_kill_detected_by_lease_expiry_shrinks_to_degraded() -> None:
+def test_a_lease_that_expires_under_an_open_session_gets_the_rebind_window() -> None:
+    """A frozen rank (SIGSTOP: its socket stays open) loses its lease and never
+    binds a new one: it is failed once lease_rebind_s has passed, not before,
+    and its session is ended so that its agent stops if it ever thaws."""
     d = Driver(3)
     d.form()
-    out = d.handle(LeaseExpired(1, d.leases[1]))
+    assert d.handle(LeaseExpired(1, d.leases[1])) == []
+    assert d.machine.rank_state(1) == "suspect"
+    d.now += DEFAULT_LEASE_REBIND_S - 0.1
+    assert d.handle(Tick()) == []  # still within the window
+    d.now += 0.2
+    out = d.handle(Tick())
     assert phases(out) == [Phase.HALTING]
+    [ended] = [a for a in of_type(out, Refuse) if a.rank == 1]
+    assert ended.end_session and "no new lease" in ended.message
     d.shrink(out, lambda s: 10)
     assert d.machine.phase == Phase.DEGRADED
     assert d.machine.record().members == (0, 2)
     # A late session-close of the dead rank changes nothing.
     assert d.handle(SessionClosed(1, d.sessions[1])) == []
+
+
+def test_a_rank_that_binds_a_new_lease_in_time_stays_a_member() -> None:
+    """An etcd outage expires every lease; the ranks live on, renew their
+    leases and bind their open sessions to them: nobody is failed."""
+    d = Driver(3)
+    d.form()
+    for r in range(3):
+        assert d.handle(LeaseExpired(r, d.leases[r])) == []
+    for r in range(3):
+        d.leases[r] += 1000
+        out = d.handle(LeaseRenewed(r, d.sessions[r], d.leases[r], d.leases[r]))
+        assert not of_type(out, RankFailed)
+    d.now += DEFAULT_LEASE_REBIND_S + 1
+    assert d.handle(Tick()) == []
+    assert [d.machine.rank_state(r) for r in range(3)] == ["serving"] * 3
+    # The old leases' deletes arriving late change nothing either.
+    assert d.handle(LeaseExpired(0, d.leases[0] - 1000)) == []
+    # A renewal that names a lease that does not hold the key proves nothing.
+    out = d.handle(LeaseExpired(2, d.leases[2]))
+    out = d.handle(LeaseRenewed(2, d.sessions[2], 999, 998))
+    assert [r.code for r in of_type(out, Refuse)] == [Code.PERMISSION_DENIED]
+    assert d.machine.rank_state(2) == "suspect"
+
+
+def test_a_lease_lost_and_then_a_closed_session_is_a_death_at_once() -> None:
+    d = Driver(3)
+    d.form()
+    assert d.handle(LeaseExpired(1, d.leases[1])) == []
+    out = d.handle(SessionClosed(1, d.sessions[1]))
+    assert phases(out) == [Phase.HALTING]
+    assert [f.rank for f in of_type(out, RankFailed)] == [1]
 
 
 def test_rejoin_runs_the_whole_timeline_back_to_steady() -> None:
@@ -698,12 +743,13 @@ def test_no_deadline_while_a_joiner_loads_and_deadlines_are_configurable() -> No
     assert machine.deadlines_s[Phase.PAUSING] == DEFAULT_DEADLINES_S[Phase.PAUSING]
 
 
-def _take_over(d: Driver, live: list[int]) -> list[Action]:
-    """A new coordinator restores what the old one persisted; `live` ranks'
-    keys are still in etcd. The Driver goes on with the new machine."""
+def _take_over(d: Driver, live: list[int], **settings: Any) -> list[Action]:
+    """A new coordinator (`settings`: its machine's) restores what the old one
+    persisted; `live` ranks' keys are still in etcd. The Driver goes on with
+    the new machine."""
     record = ClusterRecord.from_json(d.persisted.to_json())
     assert record == d.persisted
-    d.machine = RecoveryStateMachine(CLUSTER, d.n)
+    d.machine = RecoveryStateMachine(CLUSTER, d.n, **settings)
     d.now += 1.0
     out = d.machine.restore(record, {r: (d.incarnations[r], d.leases[r]) for r in live}, d.now)
     d.persisted = [a.record for a in of_type(out, Persist)][-1]
@@ -754,8 +800,64 @@ def test_a_member_whose_key_vanished_while_no_coordinator_ran_is_failed() -> Non
     d = Driver(4)
     d.form()
     out = _take_over(d, [0, 1, 3])
+    # It may be renewing a lease an etcd outage took: the window first.
+    assert not of_type(out, RankFailed) and d.machine.phase == Phase.STEADY
+    d.now += DEFAULT_RECONNECT_WINDOW_S - 0.1
+    assert not of_type(d.handle(Tick()), RankFailed)
+    d.now += 0.2
+    out = d.handle(Tick())
     assert [f.rank for f in of_type(out, RankFailed)] == [2]
     assert d.machine.phase == Phase.HALTING
+
+
+def test_a_member_relaunched_while_no_coordinator_led_is_a_joiner_not_a_member() -> None:
+    """Rank 3 died and its supervisor relaunched it (--rejoin) while the leader
+    was frozen: its key now names the new process. The new leader must not
+    take that process for the member (its engine has none of the state; its
+    Halted(0) once set the shrink's cut to 0 and looped the cluster)."""
+    d = Driver(4)
+    d.form()
+    d.kill(3)
+    relaunched = "inc3.relaunched"
+    record = ClusterRecord.from_json(d.persisted.to_json())
+    d.machine = RecoveryStateMachine(CLUSTER, 4)
+    live = {r: (d.incarnations[r], d.leases[r]) for r in (0, 1, 2)}
+    out = d.machine.restore(record, {**live, 3: (relaunched, 999)}, d.now)
+    d.persisted = [a.record for a in of_type(out, Persist)][-1]
+    assert [(f.rank, f.reason) for f in of_type(out, RankFailed)] == [
+        (3, "replaced by a new incarnation while no coordinator ran")
+    ]
+    assert sorted(s.rank for s in sent(out, Abort)) == []  # survivors reconnect first
+    assert d.machine.op is not None and d.machine.op.survivors == (0, 1, 2)
+    out = d.register(3, rejoin=True, incarnation=relaunched)
+    assert [(a.rank, a.role) for a in of_type(out, Accept)] == [(3, Role.JOINER)]
+
+
+def test_a_member_whose_key_vanished_comes_back_with_a_new_lease() -> None:
+    """An etcd outage took rank 2's lease while no coordinator led; the new
+    leader knows its incarnation from the record and takes it back."""
+    d = Driver(4)
+    d.form()
+    _take_over(d, [0, 1, 3])
+    for r in range(4):
+        out = d.register(r, incarnation=d.incarnations[r])  # rank 2: a new lease
+        assert [(a.rank, a.role) for a in of_type(out, Accept)] == [(r, Role.MEMBER)]
+    d.now += DEFAULT_RECONNECT_WINDOW_S + 1
+    assert d.handle(Tick()) == []
+    assert d.machine.phase == Phase.STEADY and d.machine.members == (0, 1, 2, 3)
+
+
+def test_a_new_leader_waits_for_the_members_before_a_deadline_convicts_them() -> None:
+    """The leader froze during a shrink's halt; the new one waits the
+    reconnection window before its deadline declares the silent ones hung."""
+    d = Driver(4)
+    d.form()
+    d.kill(3)  # halting: waiting for the survivors' Halted
+    _take_over(d, [0, 1, 2], deadlines_s={Phase.HALTING: 2.0}, reconnect_window_s=5.0)
+    d.now += 2.5
+    assert not of_type(d.handle(Tick()), RankFailed)
+    d.now += 3.0
+    assert [f.rank for f in of_type(d.handle(Tick()), RankFailed)] == [0, 1, 2]
 
 
 def test_a_record_of_another_cluster_is_refused() -> None:
@@ -1551,7 +1653,10 @@ def test_joiner_committed_before_a_survivor_dies_stays_a_member() -> None:
     assert d.machine.op is None and d.machine.phase == Phase.DEGRADED
 
 
-def test_a_relaunched_rank_of_a_lost_cluster_is_told_to_start_fresh() -> None:
+def test_a_lost_cluster_forms_again_from_relaunched_ranks() -> None:
+    """Every member lost (here: the survivors lack an expert): ranks relaunched
+    with --rejoin, as supervisors do, form the cluster again without an
+    operator, in a later epoch. A cluster that never formed still refuses them."""
     # 3 ranks x 2 slots, experts 0,1,2: rank 0 {0,1}, rank 1 {2,0}, rank 2 {1,2}.
     d = Driver(3, ring_placement(3, layers=1))
     d.form()
@@ -1559,11 +1664,29 @@ def test_a_relaunched_rank_of_a_lost_cluster_is_told_to_start_fresh() -> None:
     out = d.kill(2)  # expert 2 lived on ranks 1 and 2 only
     assert not sent(out, Abort)  # no shrink to a member set that cannot serve
     assert d.machine.phase == Phase.FORMING and d.machine.record().members == ()
-    before = d.machine.record()
+    [ended] = [r for r in of_type(out, Refuse) if r.rank == 0]  # rank 0 must restart
+    assert ended.end_session and "forms again" in ended.message
+    lost_epoch = d.machine.last_epoch
+    out = []
+    for r in range(3):
+        out += d.register(r, rejoin=True, placement=d.placement)
+    assert [a.role for a in of_type(out, Accept)] == [Role.MEMBER] * 3
+    resumes = sent(d.ack_all(sent(out, Rebuild), lambda s: GroupsReady()), Resume)
+    assert {s.command.iteration for s in resumes} == {0}  # type: ignore[union-attr]
+    d.ack_all(resumes, lambda s: Resumed())
+    assert d.machine.phase == Phase.STEADY and d.machine.members == (0, 1, 2)
+    assert d.machine.epoch > lost_epoch
+
+    never = Driver(3)
+    before = never.machine.record()
     refusal = assert_refused(
-        d, d.register(1, rejoin=True), Code.FAILED_PRECONDITION, end_session=True, before=before
+        never,
+        never.register(0, rejoin=True),
+        Code.FAILED_PRECONDITION,
+        end_session=True,
+        before=before,
     )
-    assert "without --rejoin" in refusal.message
+    assert "has not formed yet" in refusal.message
 
 
 def test_two_founders_dying_after_the_form_commit_do_not_crash_the_machine() -> None:
@@ -1591,7 +1714,7 @@ def test_a_joiner_is_never_a_survivor_of_a_rollback_shrink() -> None:
     assert sorted(s.rank for s in sent(out, Abort)) == [0, 2]
     d.register(1, rejoin=True)  # the relaunched process is a joiner
     assert d.machine.rank_state(1) == "joining"
-    out = d.handle(LeaseExpired(0, d.leases[0]))  # the shrink loses a survivor
+    out = d.kill(0)  # the shrink loses a survivor
     aborts = sent(out, Abort)
     assert [s.rank for s in aborts] == [2], aborts
     assert d.machine.op is not None and d.machine.op.survivors == (2,)
@@ -1817,7 +1940,10 @@ class ClusterSim(RuleBasedStateMachine):
         proc = Proc(rank, session, incarnation, 1000 + self.gen, rejoin, holder=False)
         self.procs[rank] = proc
         self.by_session[session] = proc
-        placement = stale_placement(self.n) if rejoin else self.placement
+        # A relaunched process presents the placement of its checkpoint, as the
+        # engines do: a joiner's is never used, but a lost cluster's next
+        # formation may be founded by relaunched processes.
+        placement = self.placement
         hello = RankRegistered(
             rank, session, CLUSTER, incarnation, proc.lease_id, FP, rejoin, placement, proc.lease_id
         )
@@ -1865,6 +1991,8 @@ class ClusterSim(RuleBasedStateMachine):
                 self._to_coordinator(proc, JoinerReady(proc.rank, proc.session))
         elif isinstance(msg, Refuse):
             assert msg.end_session  # in-band refusals are not routed
+            if msg.session != proc.session:
+                return  # a session the agent already left (a reconnect): not heard
             self._die(proc, drop=True, session_closed=False)
         else:
             self._command(proc, msg)
@@ -2073,8 +2201,12 @@ class ClusterSim(RuleBasedStateMachine):
             self.persisted = records[-1]
         assert after == self.persisted, (after, self.persisted)
 
-        # (1) refused messages change nothing and send nothing.
-        refusals = of_type(actions, Refuse)
+        # (1) refused messages change nothing and send nothing. (A Refuse to
+        # another session ends that session: a rank declared hung, or the
+        # survivors of a lost cluster.)
+        refusals = [
+            r for r in of_type(actions, Refuse) if r.session == getattr(event, "session", "")
+        ]
         if refusals:
             others = [a for a in actions if not (isinstance(a, Persist) and a.record == before)]
             assert others == refusals[:1], actions
@@ -2337,11 +2469,15 @@ class ClusterSim(RuleBasedStateMachine):
         self.gen += 1
         p.session = f"s{p.rank}.{self.gen}"
         self.by_session[p.session] = p
-        carried = [restamp(ev, p.session) for ev in self.up[old]]
+        # What the agent had queued goes out on the new session; a hello is
+        # its session's own (the service refuses a second one in-band).
+        carried = [
+            restamp(ev, p.session) for ev in self.up[old] if not isinstance(ev, RankRegistered)
+        ]
         self.up[old].clear()
         self.up[old].append(SessionClosed(p.rank, old))
         self.down[old].clear()
-        placement = stale_placement(self.n) if p.rejoin else self.placement
+        placement = self.placement
         hello = RankRegistered(
             p.rank,
             p.session,
@@ -2355,6 +2491,22 @@ class ClusterSim(RuleBasedStateMachine):
         )
         self.up[p.session] = deque([hello, *carried])
         self.down[p.session] = deque()
+
+    @precondition(lambda self: self.RECONNECTS)
+    @rule(i=st.integers(0, 10**6))
+    def lease_dropped(self, i: int) -> None:
+        """etcd drops a live rank's lease (an outage outlived it): the delete
+        reaches the coordinator while the session stays open; the agent takes
+        a new lease and says so on its session (LeaseRenewed), which may reach
+        the coordinator before or after the delete, or after a reconnect."""
+        live = [p for p in self.procs.values() if p.alive and p.welcomed]
+        if not live:
+            return
+        p = live[i % len(live)]
+        self.etcd.append(LeaseExpired(p.rank, p.lease_id))
+        self.gen += 1
+        p.lease_id = 1000 + self.gen
+        self._to_coordinator(p, LeaseRenewed(p.rank, p.session, p.lease_id, p.lease_id))
 
     @rule(i=st.integers(0, 10**6), drop=st.booleans())
     def kill(self, i: int, drop: bool) -> None:

@@ -15,9 +15,13 @@ with --rejoin); `AgentDrained`, its subclass, that an operator drained the rank
 (exit cleanly, do not relaunch).
 
 A background thread runs an asyncio loop that keeps the etcd lease alive and
-holds the gRPC session. Commands that need the engine (rebuild, resync, resume)
-run on the engine's thread while it is held inside `at_boundary` or
-`on_step_failed`, so the engine never sees a concurrent call.
+holds the gRPC session. Neither is needed to serve: with etcd or the
+coordinator away the engine goes on serving its epoch, and the agent keeps
+trying (a new lease where etcd dropped the old one, a new session with
+whichever coordinator the leader key names). Only the coordinator ends a rank:
+a refused reconnect, a failed step it never rebuilds, a drain. Commands that
+need the engine (rebuild, resync, resume) run on the engine's thread while it
+is held inside `at_boundary` or `on_step_failed`, so the engine never sees a concurrent call.
 
 The first `at_boundary` call is the rank's "ready": a founder then waits for
 the cluster to form, a joiner is admitted; either returns once resumed.
@@ -36,10 +40,12 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
+import aetcd
 import grpc
 import torch.distributed as dist
 
-from coordinator.election import read_leader
+from coordinator import etcd_keys
+from coordinator.election import decode_leader, read_leader
 from coordinator.logs import fields
 from coordinator.security import ClientTls, EtcdAccess
 from protos.ep_recovery.v1 import worker_pb2, worker_pb2_grpc
@@ -57,6 +63,9 @@ NEVER = 1 << 62
 ALWAYS = -(1 << 62)
 # `abort_collectives` of every epoch, once the agent is done for.
 EVERY_EPOCH = 1 << 62
+# aetcd calls have no deadline of their own; an etcd that drops packets must
+# not hang the session's (re)connect.
+ETCD_READ_TIMEOUT_S = 5.0
 
 REFUSAL_CODES = (
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -151,8 +160,17 @@ class WorkerAgent:
         self._welcomed = threading.Event()
         self._start_error: BaseException | None = None
         self._stopping = threading.Event()
+        # Set in the agent's loop: drop the session and open a new one now (the
+        # leader key names another coordinator).
+        self._reconnect: asyncio.Event | None = None
+        # The leader the session was opened to (its key's `id`), when found in etcd.
+        self._leader_id: str | None = None
+        self._lease: RankLease | None = None
         self._fatal: str | None = None
         self._drained: str | None = None  # the reason, once told to leave
+        # Welcomed first as a member: this process founds the cluster's
+        # formation (None until welcomed).
+        self._founder: bool | None = None
 
     # --- engine surface -------------------------------------------------------
 
@@ -398,6 +416,15 @@ class WorkerAgent:
         return _Superseded(self, order.command_id)
 
     @property
+    def founder(self) -> bool:
+        """Whether this process founds a formation (welcomed as a member), as
+        opposed to joining a running cluster. A rank relaunched with --rejoin
+        is a founder when the cluster it comes back to was lost: it loads its
+        experts itself (from its checkpoint) before its first boundary, since
+        no peer has them. Valid once start() returned."""
+        return bool(self._founder)
+
+    @property
     def drained(self) -> bool:
         """Whether the coordinator told this rank to leave (see AgentDrained)."""
         return self._drained is not None
@@ -478,20 +505,40 @@ class WorkerAgent:
                 "host": socket.gethostname(),
             },
             on_lost=self._on_lease_lost,
+            on_renewed=self._on_lease_renewed,
             access=self.config.etcd_access,
         )
-        await lease.start()
+        await self._take_lease(lease)
+        self._lease = lease
+        self._reconnect = asyncio.Event()
         stop = asyncio.create_task(asyncio.to_thread(self._stopping.wait))
+        follow = (
+            asyncio.create_task(self._follow_leader(lease), name="ep-agent-leader-watch")
+            if not self.config.coordinator
+            else None
+        )
         try:
             attempt = 0
             while not self._stopping.is_set():
+                self._reconnect.clear()
                 session = asyncio.create_task(self._session(lease))
-                done, _ = await asyncio.wait({session, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if stop in done:
+                moved = asyncio.create_task(self._reconnect.wait())
+                done, _ = await asyncio.wait(
+                    {session, stop, moved}, return_when=asyncio.FIRST_COMPLETED
+                )
+                moved.cancel()
+                if stop in done or (moved in done and session not in done):
                     session.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await session
-                    break
+                    if stop in done:
+                        break
+                    log.warning(
+                        "the leader changed: moving the session",
+                        extra=fields(rank=self.config.rank, old_leader=self._leader_id),
+                    )
+                    attempt = 0
+                    continue
                 try:
                     session.result()
                     attempt = 0
@@ -506,31 +553,115 @@ class WorkerAgent:
                             log.error("reconnect refused", extra=fields(rank=self.config.rank))
                             self._die(f"coordinator refused the reconnect: {refused}")
                         break
-                    log.warning(
+                    log.log(
+                        logging.WARNING if attempt == 0 else logging.DEBUG,
                         "session lost, reconnecting",
                         # The details tell a refused TLS handshake from a dead peer.
                         extra=fields(
                             rank=self.config.rank,
                             code=exc.code().name,
                             details=(exc.details() or "")[:300],
+                            attempt=attempt,
                         ),
+                    )
+                except (aetcd.ClientError, TimeoutError, OSError, RuntimeError) as exc:
+                    # etcd away (no leader to read), or a coordinator that did
+                    # not welcome: the engine serves on; try again.
+                    log.log(
+                        logging.WARNING if attempt == 0 else logging.DEBUG,
+                        "no session, retrying",
+                        extra=fields(rank=self.config.rank, error=repr(exc)[:300], attempt=attempt),
                     )
                 attempt += 1
                 await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
         finally:
             stop.cancel()
+            if follow is not None:
+                follow.cancel()
             self._stopping.set()
             with contextlib.suppress(Exception):
                 await lease.stop()
 
+    async def _take_lease(self, lease: RankLease) -> None:
+        """Start the lease, waiting for an etcd that is down or does not answer
+        (a rank relaunched during an etcd outage) for as long as start() waits
+        for the coordinator; anything else fails start() at once."""
+        give_up_at = time.monotonic() + self.config.connect_timeout_s
+        backoff = 0.1
+        while True:
+            try:
+                await lease.start()
+                return
+            except (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError, TimeoutError) as exc:
+                if self._stopping.is_set() or time.monotonic() + backoff > give_up_at:
+                    raise
+                log.warning(
+                    "etcd unavailable, retrying the lease",
+                    extra=fields(rank=self.config.rank, error=repr(exc)[:200]),
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
     def _on_lease_lost(self) -> None:
-        log.error("lease lost", extra=fields(rank=self.config.rank))
-        self._die("etcd lease lost: the coordinator will remove this rank")
+        # Only a crashed keepalive gets here (a rank's lease is renewed, never
+        # given up). Serving goes on: the coordinator decides whether this
+        # rank is still a member once its lease is gone.
+        log.error("lease keepalive stopped; serving on", extra=fields(rank=self.config.rank))
+
+    def _on_lease_renewed(self, lease_id: int) -> None:
+        """etcd dropped the lease and the keepalive took a new one: bind the
+        session to it (a new session's hello carries it anyway)."""
+        self._send(
+            worker_pb2.WorkerMessage(lease_renewed=worker_pb2.LeaseRenewed(lease_id=lease_id))
+        )
+
+    async def _follow_leader(self, lease: RankLease) -> None:
+        """Move the session when the leader key names another coordinator: a
+        leader frozen with its sockets open would otherwise keep this rank
+        for as long as it is frozen, while a standby leads without it."""
+        key = etcd_keys.leader_key(self.config.cluster)
+        backoff = 0.05
+        while True:
+            try:
+                got = await asyncio.wait_for(lease.client.get(key), ETCD_READ_TIMEOUT_S)
+                revision = int(got.mod_revision) if got is not None else 0
+                if got is not None:
+                    self._leader_seen(decode_leader(bytes(got.value)))
+                watch = await lease.client.watch(key, start_revision=revision + 1 or None)
+                try:
+                    backoff = 0.05
+                    async for event in watch:
+                        if event.kind == aetcd.EventKind.PUT:
+                            self._leader_seen(decode_leader(bytes(event.kv.value)))
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watch.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # etcd away: the session, if any, goes on; try again later.
+                log.debug("leader watch failed", extra=fields(error=repr(exc)))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _leader_seen(self, leader: dict[str, object] | None) -> None:
+        leader_id = str((leader or {}).get("id", ""))
+        if (
+            leader_id
+            and (leader or {}).get("endpoint")
+            and self._leader_id is not None
+            and leader_id != self._leader_id
+            and self._reconnect is not None
+        ):
+            self._reconnect.set()
 
     async def _coordinator_endpoint(self, lease: RankLease) -> str:
         if self.config.coordinator:
             return self.config.coordinator
-        leader = await read_leader(lease.client, self.config.cluster)
+        leader = await asyncio.wait_for(
+            read_leader(lease.client, self.config.cluster), ETCD_READ_TIMEOUT_S
+        )
+        self._leader_id = str((leader or {}).get("id", "")) or None
         endpoint = str((leader or {}).get("endpoint", ""))
         if not endpoint:
             # Retried like a lost session: a leader is being elected.
@@ -564,6 +695,8 @@ class WorkerAgent:
             if first is grpc.aio.EOF or not first.HasField("welcome"):
                 raise RuntimeError("coordinator did not welcome the session")
             self._progress_interval_s = first.welcome.progress_interval_ms / 1000.0
+            if self._founder is None:
+                self._founder = first.welcome.role == worker_pb2.ROLE_MEMBER
             log.info(
                 "registered",
                 extra=fields(

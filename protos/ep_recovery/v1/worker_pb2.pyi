@@ -18,18 +18,20 @@ ROLE_MEMBER: Role
 ROLE_JOINER: Role
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "progress", "ack", "ready", "step_failed")
+    __slots__ = ("hello", "progress", "ack", "ready", "step_failed", "lease_renewed")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     STEP_FAILED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_RENEWED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     progress: Progress
     ack: Ack
     ready: JoinerReady
     step_failed: StepFailed
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., ready: _Optional[_Union[JoinerReady, _Mapping]] = ..., step_failed: _Optional[_Union[StepFailed, _Mapping]] = ...) -> None: ...
+    lease_renewed: LeaseRenewed
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., ready: _Optional[_Union[JoinerReady, _Mapping]] = ..., step_failed: _Optional[_Union[StepFailed, _Mapping]] = ..., lease_renewed: _Optional[_Union[LeaseRenewed, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("cluster", "rank", "fingerprint", "lease_id", "rejoin", "incarnation", "placement")
@@ -74,6 +76,12 @@ class StepFailed(_message.Message):
     last_completed: int
     message: str
     def __init__(self, epoch: _Optional[int] = ..., last_completed: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class LeaseRenewed(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    def __init__(self, lease_id: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("epoch", "op_id", "command_id", "held", "past_target", "halted", "groups_ready", "resynced", "resumed", "failed")
