@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd", help=f"etcd client endpoint host:port {_default('etcd')}")
     p.add_argument(
         "--metrics-listen",
-        help="serve Prometheus /metrics on host:port, port 0 picks a free one "
-        "(default: not served)",
+        help="serve Prometheus /metrics on host:port, port 0 picks a free one; loopback "
+        "only, unless --insecure-metrics-listen (default: not served)",
     )
     p.add_argument(
         "--advertise-host",
@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"leader lease TTL: how soon a standby takes over {_default('leader_ttl_s')}",
     )
     p.add_argument(
-        "--store-host", help=f"address ranks reach the store on {_default('store_host')}"
+        "--store-host",
+        help="address ranks reach the store on, and the only one it listens on; loopback "
+        f"while --listen is {_default('store_host')}",
     )
     p.add_argument("--store-port", type=int, help="rendezvous store port (default: 0, free)")
     p.add_argument(
@@ -128,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-listen",
         action=argparse.BooleanOptionalAction,
         help="serve without TLS on a non-loopback --listen address, on purpose (default: no)",
+    )
+    tls.add_argument(
+        "--insecure-metrics-listen",
+        action=argparse.BooleanOptionalAction,
+        help="serve /metrics (plain HTTP, no authentication) on a non-loopback "
+        "--metrics-listen address, on purpose (default: no)",
     )
     tls.add_argument(
         "--admin-token-file",

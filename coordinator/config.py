@@ -155,7 +155,9 @@ class CoordinatorConfig(BaseModel):
     listen: str = Field(default="127.0.0.1:50051", description="gRPC address (host:port)")
     etcd: str = Field(default="127.0.0.1:2379", description="etcd client endpoint (host:port)")
     metrics_listen: str = Field(
-        default="", description="Prometheus /metrics address (host:port); empty: not served"
+        default="",
+        description="Prometheus /metrics address (host:port, plain HTTP); empty: not served. "
+        "Loopback only, unless insecure_metrics_listen",
     )
     advertise_host: str = Field(
         default="",
@@ -171,7 +173,8 @@ class CoordinatorConfig(BaseModel):
     )
     store_host: str = Field(
         default="127.0.0.1",
-        description="address ranks use to reach the rendezvous store this daemon hosts",
+        description="address ranks use to reach the rendezvous store this daemon hosts, and "
+        "the only one it listens on. Loopback while listen is",
     )
     store_port: Int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     progress_interval_ms: Int = Field(
@@ -221,6 +224,11 @@ class CoordinatorConfig(BaseModel):
     insecure_listen: Bool = Field(
         default=False,
         description="serve without TLS on a non-loopback listen address, on purpose",
+    )
+    insecure_metrics_listen: Bool = Field(
+        default=False,
+        description="serve /metrics (plain HTTP, no authentication) on a non-loopback "
+        "metrics_listen address, on purpose",
     )
     admin_token_file: str = Field(
         default="",
@@ -292,6 +300,30 @@ class CoordinatorConfig(BaseModel):
                 "reaches it could act as a rank or an operator. Set tls_cert_file and "
                 "tls_key_file, or insecure_listen: true to serve without TLS on purpose",
             )
+        if is_loopback(host) and not is_loopback(self.store_host):
+            # The store (torch's TCPStore) has neither TLS nor authentication.
+            # A coordinator only this host reaches has no ranks elsewhere to
+            # serve it to; opening it would only expose it.
+            raise _field_error(
+                "store_host",
+                f"{self.store_host} is not a loopback address while listen ({self.listen}) is: "
+                "the rendezvous store has no authentication, and ranks on other hosts could "
+                "not reach the coordinator anyway. Use a loopback store_host, or listen on "
+                "the ranks' network too (with TLS, or insecure_listen: true)",
+                "listen",
+            )
+        if self.metrics_listen and not self.insecure_metrics_listen:
+            metrics_host = split_host_port(self.metrics_listen)[0]
+            if not is_loopback(metrics_host):
+                raise _field_error(
+                    "metrics_listen",
+                    f"{metrics_host} is not a loopback address: /metrics is plain HTTP "
+                    "without authentication, and anyone who reaches it reads the cluster's "
+                    "state. Scrape it on loopback (from another host: through a TLS proxy "
+                    "on this one), or set insecure_metrics_listen: true to serve it there "
+                    "on purpose",
+                    "insecure_metrics_listen",
+                )
         return self
 
     @property
@@ -346,7 +378,7 @@ class CoordinatorConfig(BaseModel):
         if problem is not None:
             raise ValueError(problem)
         if is_unspecified(value):
-            # Ranks are told this address: it must be one they can reach.
+            # Ranks are told this address; the store listens on it alone.
             raise ValueError(
                 f"{value} means every interface, not an address ranks can reach: give this "
                 "host's address on the ranks' network"
