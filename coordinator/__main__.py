@@ -17,6 +17,7 @@ import yaml
 
 from coordinator.config import ConfigError, CoordinatorConfig, load_config
 from coordinator.logs import configure_logging, fields
+from coordinator.pipes import quiet_in_pipes
 from coordinator.security import ServerSecrets, load_server_secrets
 from coordinator.systemd_notify import SystemdNotifier
 
@@ -198,7 +199,7 @@ def check_config(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check-config"]:
-        return check_config(argv[1:])
+        return quiet_in_pipes(lambda: check_config(argv[1:]))
     args = build_parser().parse_args(argv)
     flags = {
         name: value
