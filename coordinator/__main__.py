@@ -17,6 +17,7 @@ import yaml
 
 from coordinator.config import ConfigError, CoordinatorConfig, load_config
 from coordinator.logs import configure_logging, fields
+from coordinator.pipes import quiet_in_pipes
 from coordinator.security import ServerSecrets, load_server_secrets
 from coordinator.systemd_notify import SystemdNotifier
 
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd", help=f"etcd client endpoint host:port {_default('etcd')}")
     p.add_argument(
         "--metrics-listen",
-        help="serve Prometheus /metrics on host:port, port 0 picks a free one "
-        "(default: not served)",
+        help="serve Prometheus /metrics on host:port, port 0 picks a free one; loopback "
+        "only, unless --insecure-metrics-listen (default: not served)",
     )
     p.add_argument(
         "--advertise-host",
@@ -71,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"leader lease TTL: how soon a standby takes over {_default('leader_ttl_s')}",
     )
     p.add_argument(
-        "--store-host", help=f"address ranks reach the store on {_default('store_host')}"
+        "--store-host",
+        help="address ranks reach the store on, and the only one it listens on; loopback "
+        f"while --listen is {_default('store_host')}",
     )
     p.add_argument("--store-port", type=int, help="rendezvous store port (default: 0, free)")
     p.add_argument(
@@ -142,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve without TLS on a non-loopback --listen address, on purpose (default: no)",
     )
     tls.add_argument(
+        "--insecure-metrics-listen",
+        action=argparse.BooleanOptionalAction,
+        help="serve /metrics (plain HTTP, no authentication) on a non-loopback "
+        "--metrics-listen address, on purpose (default: no)",
+    )
+    tls.add_argument(
         "--admin-token-file",
         metavar="FILE",
         help="mutating admin calls need this bearer token (`authorization: Bearer ...`)",
@@ -202,7 +211,7 @@ def check_config(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check-config"]:
-        return check_config(argv[1:])
+        return quiet_in_pipes(lambda: check_config(argv[1:]))
     args = build_parser().parse_args(argv)
     flags = {
         name: value

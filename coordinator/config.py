@@ -5,6 +5,11 @@ defaults, a YAML file (`--config FILE`), environment variables
 (`EP_COORDINATOR_<FIELD>`, e.g. `EP_COORDINATOR_WORLD_SIZE`), and command-line
 flags given explicitly. `load_config` merges them and raises `ConfigError`
 whose lines name where a bad value came from, the field and the problem.
+
+Every layer goes through the same checks, and they are strict: a key given
+twice in the file, a boolean where a number belongs (or a number where a
+boolean does), a host that is no IP address or DNS name, an address that is
+no `host:port` are refused rather than read some way.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -30,12 +36,72 @@ from pydantic_core import PydanticCustomError
 
 from coordinator.state_machine import Phase
 
-_HOST_PORT = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
+# One label of a DNS name. Underscores are not in RFC 1123, but resolvers
+# (container networks, internal zones) hand them out, and they are harmless.
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` is neither an IP address nor a DNS name; None when it is one."""
+    if not host:
+        return "the host is empty"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    name = host.removesuffix(".")  # a fully qualified name may end in a dot
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return (
+            f"{host!r} is not an IP address or a host name (dot-separated labels of "
+            "letters, digits, '-' and '_')"
+        )
+    if labels[-1].isdigit():
+        # 10.0.0.256 or 1.2.3: numbers that look like an address and are none.
+        return f"{host!r} is not a valid IP address"
+    return None
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """`host:port` or `[IPv6]:port` checked: the host an IP address or a DNS
+    name, the port a number up to 65535. ValueError says what is wrong."""
+    if value.startswith("["):
+        inner, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected host:port or [IPv6]:port")
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(f"{inner!r} in brackets is not an IPv6 address") from None
+        host = inner
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+        if ":" in host:
+            raise ValueError("expected host:port; an IPv6 address goes in brackets: [::1]:50051")
+        problem = host_problem(host)
+        if problem is not None:
+            raise ValueError(problem)
+    if not (port.isascii() and port.isdigit() and len(port) <= 5):
+        raise ValueError(f"the port must be a number, not {port!r}")
+    if int(port) > 65535:
+        raise ValueError(f"port {int(port)} out of range (0 to 65535)")
+    return host, int(port)
 
 
 def split_host_port(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def is_unspecified(host: str) -> bool:
+    """0.0.0.0 or ::: every interface to listen on, no address to connect to."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def is_loopback(host: str) -> bool:
@@ -58,6 +124,26 @@ def _field_error(name: str, message: str, *related: str) -> PydanticCustomError:
     )
 
 
+def _not_a_boolean(value: object) -> object:
+    # pydantic reads true as 1 where a number is expected: `world_size: true`
+    # in a file would be a cluster of one, not the mistake it is.
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_number", "a boolean is not a number")
+    return value
+
+
+def _not_a_number(value: object) -> object:
+    # ... and 1 or 0.0 as a boolean. Strings ("true", "no") stay: the
+    # environment gives nothing else.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise PydanticCustomError("number_not_bool", "a number is not a boolean: use true or false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+Bool = Annotated[bool, BeforeValidator(_not_a_number)]
+
 PROGRESS_INTERVAL_MAX_MS = 10_000
 
 
@@ -65,18 +151,20 @@ class CoordinatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cluster: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    world_size: int = Field(ge=1, le=65536, description="number of rank slots in the cluster")
+    world_size: Int = Field(ge=1, le=65536, description="number of rank slots in the cluster")
     listen: str = Field(default="127.0.0.1:50051", description="gRPC address (host:port)")
     etcd: str = Field(default="127.0.0.1:2379", description="etcd client endpoint (host:port)")
     metrics_listen: str = Field(
-        default="", description="Prometheus /metrics address (host:port); empty: not served"
+        default="",
+        description="Prometheus /metrics address (host:port, plain HTTP); empty: not served. "
+        "Loopback only, unless insecure_metrics_listen",
     )
     advertise_host: str = Field(
         default="",
         description="host agents reach this coordinator on (written to the leader key); "
         "empty: the listen host, or this host's name when listening on every interface",
     )
-    leader_ttl_s: int = Field(
+    leader_ttl_s: Int = Field(
         default=5,
         ge=1,
         le=300,
@@ -85,49 +173,50 @@ class CoordinatorConfig(BaseModel):
     )
     store_host: str = Field(
         default="127.0.0.1",
-        description="address ranks use to reach the rendezvous store this daemon hosts",
+        description="address ranks use to reach the rendezvous store this daemon hosts, and "
+        "the only one it listens on. Loopback while listen is",
     )
-    store_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
-    progress_interval_ms: int = Field(
+    store_port: Int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
+    progress_interval_ms: Int = Field(
         default=50,
         ge=5,
         le=PROGRESS_INTERVAL_MAX_MS,
         description="how often a rank reports its iteration, at the least",
     )
-    progress_reports_per_s: int = Field(
+    progress_reports_per_s: Int = Field(
         default=250,
         ge=1,
         le=1_000_000,
         description="the most progress reports a second the whole cluster sends: a large "
         "cluster's ranks report less often than progress_interval_ms",
     )
-    hold_lead_s: float = Field(
+    hold_lead_s: Float = Field(
         default=0.05,
         gt=0,
         le=10,
         description="time a hold order first takes to arrive (widened after retargets)",
     )
-    group_timeout_s: float = Field(default=30.0, gt=0, le=3600)
-    auto_rejoin: bool = True
+    group_timeout_s: Float = Field(default=30.0, gt=0, le=3600)
+    auto_rejoin: Bool = True
     fingerprint: str = Field(default="", description="expected engine fingerprint; empty: first")
-    hang_timeout_s: Annotated[float, Field(gt=0, le=86400)] | None = Field(
+    hang_timeout_s: Annotated[Float, Field(gt=0, le=86400)] | None = Field(
         default=30.0,
         description="a member whose iteration stands still this long in steady state, while "
         "its peers got further or failed their step, is declared hung; null: no check",
     )
-    lease_rebind_s: float = Field(
+    lease_rebind_s: Float = Field(
         default=3.0,
         gt=0,
         le=3600,
         description="how long a rank whose etcd lease expired while its session stayed open "
         "has to bind the session to a new lease before it is failed",
     )
-    reconnect_window_s: Annotated[float, Field(gt=0, le=3600)] | None = Field(
+    reconnect_window_s: Annotated[Float, Field(gt=0, le=3600)] | None = Field(
         default=None,
         description="how long a new leader waits for the members to reconnect before their "
         "silence counts against them; null: two leader leases",
     )
-    phase_deadlines_s: dict[Phase, Annotated[float, Field(gt=0)] | None] = Field(
+    phase_deadlines_s: dict[Phase, Annotated[Float, Field(gt=0)] | None] = Field(
         default_factory=dict,
         description="per-phase limits overriding the defaults; null: no limit",
     )
@@ -144,9 +233,14 @@ class CoordinatorConfig(BaseModel):
         description="PEM CA bundle client certificates must chain to; set: mutual TLS "
         "(every client must present a certificate it verifies)",
     )
-    insecure_listen: bool = Field(
+    insecure_listen: Bool = Field(
         default=False,
         description="serve without TLS on a non-loopback listen address, on purpose",
+    )
+    insecure_metrics_listen: Bool = Field(
+        default=False,
+        description="serve /metrics (plain HTTP, no authentication) on a non-loopback "
+        "metrics_listen address, on purpose",
     )
     admin_token_file: str = Field(
         default="",
@@ -218,6 +312,30 @@ class CoordinatorConfig(BaseModel):
                 "reaches it could act as a rank or an operator. Set tls_cert_file and "
                 "tls_key_file, or insecure_listen: true to serve without TLS on purpose",
             )
+        if is_loopback(host) and not is_loopback(self.store_host):
+            # The store (torch's TCPStore) has neither TLS nor authentication.
+            # A coordinator only this host reaches has no ranks elsewhere to
+            # serve it to; opening it would only expose it.
+            raise _field_error(
+                "store_host",
+                f"{self.store_host} is not a loopback address while listen ({self.listen}) is: "
+                "the rendezvous store has no authentication, and ranks on other hosts could "
+                "not reach the coordinator anyway. Use a loopback store_host, or listen on "
+                "the ranks' network too (with TLS, or insecure_listen: true)",
+                "listen",
+            )
+        if self.metrics_listen and not self.insecure_metrics_listen:
+            metrics_host = split_host_port(self.metrics_listen)[0]
+            if not is_loopback(metrics_host):
+                raise _field_error(
+                    "metrics_listen",
+                    f"{metrics_host} is not a loopback address: /metrics is plain HTTP "
+                    "without authentication, and anyone who reaches it reads the cluster's "
+                    "state. Scrape it on loopback (from another host: through a TLS proxy "
+                    "on this one), or set insecure_metrics_listen: true to serve it there "
+                    "on purpose",
+                    "insecure_metrics_listen",
+                )
         return self
 
     @property
@@ -244,19 +362,48 @@ class CoordinatorConfig(BaseModel):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("listen", "etcd")
+    @field_validator("listen")
     @classmethod
-    def _host_port(cls, value: str) -> str:
-        if not _HOST_PORT.match(value):
-            raise ValueError(f"expected host:port, got {value!r}")
-        if not 0 <= split_host_port(value)[1] < 65536:
-            raise ValueError(f"port out of range in {value!r}")
+    def _listen_address(cls, value: str) -> str:
+        parse_host_port(value)  # port 0: a free one
         return value
 
     @field_validator("metrics_listen")
     @classmethod
-    def _optional_host_port(cls, value: str) -> str:
-        return cls._host_port(value) if value else value
+    def _optional_listen_address(cls, value: str) -> str:
+        return cls._listen_address(value) if value else value
+
+    @field_validator("etcd")
+    @classmethod
+    def _connect_address(cls, value: str) -> str:
+        host, port = parse_host_port(value)
+        if port == 0:
+            raise ValueError("port 0 is no port to connect to")
+        if is_unspecified(host):
+            raise ValueError(f"{host} means every interface, not a host to connect to")
+        return value
+
+    @field_validator("store_host")
+    @classmethod
+    def _store_host(cls, value: str) -> str:
+        problem = host_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        if is_unspecified(value):
+            # Ranks are told this address; the store listens on it alone.
+            raise ValueError(
+                f"{value} means every interface, not an address ranks can reach: give this "
+                "host's address on the ranks' network"
+            )
+        return value
+
+    @field_validator("advertise_host")
+    @classmethod
+    def _advertise_host(cls, value: str) -> str:
+        problem = host_problem(value) if value else None
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 ENV_PREFIX = "EP_COORDINATOR_"
@@ -289,6 +436,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text: {exc.reason}"]) from exc
     try:
+        _refuse_duplicate_keys(path, yaml.compose(text, Loader=yaml.SafeLoader))
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = ""
@@ -307,6 +455,43 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if bad_keys:
         raise ConfigError([f"{path}: invalid key {k!r}: keys must be strings" for k in bad_keys])
     return doc
+
+
+def _refuse_duplicate_keys(path: Path, root: yaml.Node | None) -> None:
+    """A key given twice in one mapping is an error naming both lines: YAML
+    loaders keep the last value silently, and the first one may be the one
+    that was meant (or reviewed)."""
+    problems: list[str] = []
+    seen_nodes: set[int] = set()  # an alias repeats a node; a recursive one loops
+
+    def walk(node: yaml.Node, where: str) -> None:
+        if id(node) in seen_nodes:
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], yaml.Mark] = {}
+            for key, value in node.value:
+                if key.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: keys given here override the merged ones
+                name = f"{where}.{key.value}" if where else str(key.value)
+                if isinstance(key, yaml.ScalarNode):
+                    mark = key.start_mark
+                    earlier = first.setdefault((key.tag, key.value), mark)
+                    if earlier is not mark:
+                        problems.append(
+                            f"{path}: invalid {name}: duplicate key at line {mark.line + 1}, "
+                            f"column {mark.column + 1} (first at line {earlier.line + 1}); "
+                            "a key may appear once"
+                        )
+                walk(value, name)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, f"{where}[{index}]")
+
+    if root is not None:
+        walk(root, "")
+    if problems:
+        raise ConfigError(problems)
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
@@ -373,7 +558,8 @@ def _describe(exc: ValidationError, sources: Mapping[str, str], path: Path | Non
         elif err["type"] == "missing":
             problem = f"missing: set it as {top}: in the file, {env_var(top)} or {flag(top)}"
         else:
-            problem = f"{err['msg']} (got {err['input']!r})"
+            # A validator's ValueError reads "Value error, <what we said>".
+            problem = f"{err['msg'].removeprefix('Value error, ')} (got {err['input']!r})"
         source = sources.get(top) or (str(path) if path is not None else "configuration")
         problems.append(f"{source}: invalid {name}: {problem}")
     return problems

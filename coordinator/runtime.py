@@ -150,12 +150,7 @@ class Coordinator:
         self._cluster_store = ClusterStore(self._etcd, self.config.cluster)
         # The rendezvous store lives here, never on a rank: a dead store host
         # fails silently on set(), and any rank may be the one that dies.
-        self._store = dist.TCPStore(
-            self.config.store_host,
-            self.config.store_port,
-            is_master=True,
-            wait_for_workers=False,
-        )
+        self._store = host_store(self.config.store_host, self.config.store_port)
         self.store_port = self._store.port
         await self._take_over()
         self._tasks = [
@@ -481,6 +476,45 @@ class Coordinator:
         return self.metrics.render(accept)
 
 
+# The listen backlog torch's own store server uses: a cluster's ranks connect at once.
+STORE_BACKLOG = 16384
+
+
+def host_store(host: str, port: int) -> dist.TCPStore:
+    """The rendezvous store's server, listening on `host` (the address
+    `store_host` names, the first one if a name has several) and nowhere else.
+
+    TCPStore binds the port on every interface by itself ("::" or 0.0.0.0),
+    whatever host it is given. So the socket is bound here and handed over
+    (master_listen_fd); the store owns it from then on and closes it when it
+    stops. OSError when the address is not this host's or the port is taken."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise OSError(f"cannot host the rendezvous store on {host}:{port}: {exc}") from exc
+    with sock:
+        try:
+            # As torch's own server does: a restarted daemon gets its fixed
+            # port back while old connections linger in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(STORE_BACKLOG)
+        except OSError as exc:
+            raise OSError(f"cannot host the rendezvous store on {host}:{port}: {exc}") from exc
+        # The store gets a duplicate, and owns it. Should it fail to start, it
+        # may have closed that one already: it is left alone rather than risk
+        # closing a descriptor reused since (a failed start ends the daemon).
+        return dist.TCPStore(
+            host,
+            sock.getsockname()[1],
+            is_master=True,
+            wait_for_workers=False,
+            master_listen_fd=os.dup(sock.fileno()),
+            use_libuv=True,
+        )
+
+
 def advertised_endpoint(config: CoordinatorConfig, port: int) -> str:
     """Where agents reach this coordinator: `advertise_host` if set, else the
     listen host, or this host's name when listening on every interface."""
@@ -663,6 +697,13 @@ async def _lead(
             except OSError as exc:
                 raise OSError(f"cannot serve metrics on {config.metrics_listen}: {exc}") from exc
             coordinator.metrics_port = bound_port(metrics_server)
+            if not is_loopback(split_host_port(config.metrics_listen)[0]):
+                # Only with insecure_metrics_listen (coordinator.config), as
+                # "serving without TLS" says for the gRPC port.
+                log.warning(
+                    "serving metrics beyond loopback without TLS or authentication",
+                    extra=fields(metrics_listen=config.metrics_listen),
+                )
         # Agents find the coordinator here (worker_agent.agent).
         await leader.announce(endpoint=advertised_endpoint(config, bound))
         if on_ready is not None:

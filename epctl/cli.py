@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import bench.cli
+from coordinator.pipes import quiet_in_pipes
 from epctl.exits import (
     EXIT_DENIED,
     EXIT_FAILED,
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         epilog="exit codes: 0 done, 1 failed, 2 bad usage or request, 3 coordinator "
         "unreachable, 4 not found, 5 refused by the cluster's state, 6 not allowed (no or "
-        "a wrong admin credential)",
+        "a wrong admin credential), 141 its output's reader went away (| head)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -185,6 +186,11 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `epctl ... | head -1`: every command ends quietly once its reader is gone.
+    return quiet_in_pipes(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -244,6 +245,36 @@ def coordinator_env(**overrides: str) -> dict[str, str]:
     }
     env.update(overrides)
     return env
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """Every TCP (host, port) that process `pid` listens on, read from
+    /proc (Linux): its socket inodes, then the kernel's table of listeners.
+    A socket bound to every interface shows as 0.0.0.0 or ::."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            local, state, inode = cols[1], cols[3], cols[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            address, port = local.split(":")
+            raw = bytes.fromhex(address)
+            # The kernel prints each 32-bit word in host byte order.
+            if sys.byteorder == "little":
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(raw)
+            # gRPC binds 127.0.0.1 on an IPv6 socket, as ::ffff:127.0.0.1.
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            found.add((str(ip), int(port, 16)))
+    return found
 
 
 class CoordinatorProcess:

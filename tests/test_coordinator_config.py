@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from coordinator.config import CoordinatorConfig
 from protos.ep_recovery.v1 import admin_pb2, admin_pb2_grpc
@@ -109,6 +110,34 @@ def test_check_config_json_output(tmp_path: Path) -> None:
             "cluster: c\nworld_size: 4\nphase_deadlines_s: {pausing: -1}\n",
             ["invalid phase_deadlines_s", "greater than 0"],
         ),
+        ("cluster: c\nworld_size: true\n", ["invalid world_size", "a boolean is not a number"]),
+        ("cluster: c\nworld_size: 4\nhold_lead_s: yes\n", ["invalid hold_lead_s", "boolean"]),
+        (
+            "cluster: c\nworld_size: 4\nphase_deadlines_s: {pausing: true}\n",
+            ["invalid phase_deadlines_s.pausing", "a boolean is not a number"],
+        ),
+        ("cluster: c\nworld_size: 4\nauto_rejoin: 1\n", ["invalid auto_rejoin", "true or false"]),
+        (
+            "cluster: c\nworld_size: 4\nlisten: '127.0.0.1:1'\nworld_size: 8\n",
+            ["invalid world_size", "duplicate key at line 4", "first at line 2"],
+        ),
+        (
+            "cluster: c\nworld_size: 4\nphase_deadlines_s:\n  pausing: 5\n  pausing: 6\n",
+            ["invalid phase_deadlines_s.pausing", "duplicate key at line 5", "first at line 4"],
+        ),
+        ("cluster: c\nworld_size: 4\netcd: 127.0.0.1:0\n", ["invalid etcd", "port 0"]),
+        ("cluster: c\nworld_size: 4\netcd: 0.0.0.0:2379\n", ["invalid etcd", "every interface"]),
+        ("cluster: c\nworld_size: 4\netcd: 10.0.0.256:2379\n", ["invalid etcd", "not a valid IP"]),
+        ("cluster: c\nworld_size: 4\nlisten: '::1:50051'\n", ["invalid listen", "brackets"]),
+        ("cluster: c\nworld_size: 4\nlisten: 'h:x'\n", ["invalid listen", "port must be a number"]),
+        (
+            "cluster: c\nworld_size: 4\nstore_host: 'not a host!!'\n",
+            ["invalid store_host", "not an IP address or a host name"],
+        ),
+        (
+            "cluster: c\nworld_size: 4\nadvertise_host: 'evil host:1/x'\n",
+            ["invalid advertise_host", "not an IP address or a host name"],
+        ),
     ],
     ids=[
         "bad-value",
@@ -121,6 +150,19 @@ def test_check_config_json_output(tmp_path: Path) -> None:
         "missing-field",
         "unknown-phase",
         "negative-deadline",
+        "bool-as-int",
+        "bool-as-float",
+        "bool-as-deadline",
+        "int-as-bool",
+        "duplicate-key",
+        "duplicate-nested-key",
+        "etcd-port-0",
+        "etcd-wildcard",
+        "etcd-bad-ip",
+        "listen-bare-ipv6",
+        "listen-bad-port",
+        "bad-store-host",
+        "bad-advertise-host",
     ],
 )
 def test_check_config_refuses_bad_input(tmp_path: Path, content: str, expected: list[str]) -> None:
@@ -132,6 +174,73 @@ def test_check_config_refuses_bad_input(tmp_path: Path, content: str, expected: 
     for text in expected:
         assert text in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fine"),
+    [
+        ("listen", "[::1]:0", True),
+        ("listen", "localhost:50051", True),
+        ("listen", "head-1.example.:50051", True),
+        ("listen", "[::1]", False),
+        ("listen", "[not-v6]:1", False),
+        ("listen", "-bad.example:1", False),
+        ("listen", "h:99999", False),
+        ("listen", "h:1\n", False),
+        ("etcd", "etcd-a.example:2379", True),
+        ("etcd", "127.0.0.1:65535", True),
+        ("metrics_listen", "127.0.0.1:0", True),
+        ("metrics_listen", "127.0.0.1:", False),
+        ("store_host", "127.0.0.2", True),
+        ("store_host", "::1", True),
+        ("store_host", "localhost", True),
+        ("store_host", "", False),
+        ("store_host", "::", False),
+        ("store_host", "127.0.0.1:29500", False),
+        ("advertise_host", "head-1.example", True),
+        ("advertise_host", "fd00::5", True),
+        ("advertise_host", "10.0.0.5", True),
+        ("advertise_host", "[fd00::5]", False),
+        ("advertise_host", "a" * 64 + ".example", False),
+        ("advertise_host", "head_1", True),
+    ],
+)
+def test_hosts_and_addresses_are_validated(field: str, value: str, fine: bool) -> None:
+    # insecure_listen: whether a host is valid, not whether it is loopback.
+    values: dict[str, object] = {"cluster": "c", "world_size": 2, "insecure_listen": True}
+    values[field] = value
+    if field == "store_host":
+        values["listen"] = "[::1]:0"  # loopback either way: store_host alone decides
+    if fine:
+        CoordinatorConfig(**values)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(ValidationError) as refused:
+            CoordinatorConfig(**values)  # type: ignore[arg-type]
+        assert refused.value.errors()[0]["loc"] == (field,)
+
+
+def test_environment_and_flags_go_through_the_same_checks(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster: c1\nworld_size: 4\n")
+    for var, value, field in [
+        ("EP_COORDINATOR_WORLD_SIZE", "true", "world_size"),
+        ("EP_COORDINATOR_AUTO_REJOIN", "2", "auto_rejoin"),
+        ("EP_COORDINATOR_ETCD", "127.0.0.1:0", "etcd"),
+        ("EP_COORDINATOR_ADVERTISE_HOST", "evil host:1/x", "advertise_host"),
+        ("EP_COORDINATOR_STORE_HOST", "not a host!!", "store_host"),
+    ]:
+        result = coordinator("check-config", str(path), env=coordinator_env(**{var: value}))
+        assert result.returncode == 2, (var, result.stdout)
+        assert f"environment {var}: invalid {field}" in result.stderr
+    for flags, field in [
+        (["--etcd", "127.0.0.1:0"], "etcd"),
+        (["--advertise-host", "evil host:1/x"], "advertise_host"),
+        (["--store-host", "not a host!!"], "store_host"),
+        (["--listen", "::1:50051"], "listen"),
+    ]:
+        result = coordinator("--config", str(path), *flags)
+        assert result.returncode == 2, (flags, result.stdout)
+        assert f"{flags[0]}: invalid {field}" in result.stderr
 
 
 def test_check_config_missing_file(tmp_path: Path) -> None:

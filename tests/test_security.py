@@ -34,6 +34,7 @@ from protos.ep_recovery.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
 from tests.agent_harness import (
     CoordinatorProcess,
     coordinator_env,
+    listening_addresses,
     ring_placement,
     thread_cluster,
     wait_until,
@@ -122,6 +123,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Issued | Path]:
         ("tls_cert_file: {token}\ntls_key_file: {server.key}\n", ["invalid tls_cert_file"]),
         ("etcd_username: root\n", ["invalid etcd_password_file", "go together"]),
         ("etcd_ca_file: {token}\n", ["invalid etcd_ca_file", "no PEM CA certificate"]),
+        (
+            "metrics_listen: '0.0.0.0:9464'\n",
+            ["invalid metrics_listen", "not a loopback", "insecure_metrics_listen"],
+        ),
+        (
+            "tls_cert_file: {server.cert}\ntls_key_file: {server.key}\n"
+            "metrics_listen: '10.1.2.3:9464'\n",
+            ["invalid metrics_listen", "plain HTTP", "insecure_metrics_listen"],
+        ),
+        ("store_host: 10.1.2.3\n", ["invalid store_host", "no authentication", "listen"]),
+        ("store_host: 0.0.0.0\n", ["invalid store_host", "every interface"]),
     ],
     ids=[
         "wildcard-without-tls",
@@ -135,6 +147,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Issued | Path]:
         "cert-not-pem",
         "etcd-user-without-password",
         "etcd-ca-not-pem",
+        "metrics-wildcard",
+        "metrics-beyond-loopback-with-tls",
+        "store-beyond-loopback-grpc-on-loopback",
+        "store-wildcard",
     ],
 )
 def test_check_config_refuses_unsafe_or_broken_security(
@@ -177,6 +193,71 @@ def test_non_loopback_listen_needs_tls_or_an_explicit_opt_out(
     )
     with_tls = coordinator_cli("check-config", str(path))
     assert with_tls.returncode == 0, with_tls.stderr
+
+
+def test_metrics_and_store_beyond_loopback_need_an_explicit_choice(tmp_path: Path) -> None:
+    """Each source is named; the opt-out (or serving gRPC beyond loopback) makes it valid."""
+    path = tmp_path / "coordinator.yaml"
+    path.write_text("cluster: c\nworld_size: 2\n")
+    run = coordinator_cli("--cluster", "c", "--world-size", "2", "--metrics-listen", "0.0.0.0:0")
+    assert run.returncode == 2
+    assert "--metrics-listen: invalid metrics_listen" in run.stderr
+    assert "insecure_metrics_listen" in run.stderr
+    metrics_env = coordinator_env(EP_COORDINATOR_METRICS_LISTEN="0.0.0.0:9464")
+    by_env = coordinator_cli("check-config", str(path), env=metrics_env)
+    assert by_env.returncode == 2
+    assert "environment EP_COORDINATOR_METRICS_LISTEN: invalid metrics_listen" in by_env.stderr
+    metrics_env["EP_COORDINATOR_INSECURE_METRICS_LISTEN"] = "true"
+    opted = coordinator_cli("check-config", str(path), env=metrics_env)
+    assert opted.returncode == 0, opted.stderr
+
+    store = coordinator_cli("--cluster", "c", "--world-size", "2", "--store-host", "10.1.2.3")
+    assert store.returncode == 2
+    assert "--store-host: invalid store_host" in store.stderr
+    store_env = coordinator_env(EP_COORDINATOR_STORE_HOST="10.1.2.3")
+    by_env = coordinator_cli("check-config", str(path), env=store_env)
+    assert by_env.returncode == 2
+    assert "environment EP_COORDINATOR_STORE_HOST: invalid store_host" in by_env.stderr
+    # gRPC beyond loopback too (here without TLS, on purpose): the store may follow.
+    path.write_text("cluster: c\nworld_size: 2\nlisten: '0.0.0.0:0'\ninsecure_listen: true\n")
+    beyond = coordinator_cli("check-config", str(path), env=store_env)
+    assert beyond.returncode == 0, beyond.stderr
+
+
+def test_every_listener_binds_where_it_is_configured(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    """gRPC, the rendezvous store and /metrics each listen on their own
+    configured address and nowhere else (torch's TCPStore alone would take
+    every interface). Other loopback addresses than 127.0.0.1 show the
+    address is the configured one, not a default."""
+    with thread_cluster(
+        tmp_path, etcd, cluster_name, WORLD,
+        "--store-host", "127.0.0.2", "--metrics-listen", "127.0.0.3:0",
+    ) as (coord, _ranks):  # fmt: skip
+        # The cluster formed: the ranks built their groups through the store there.
+        ready = json.loads(coord.ready_file.read_text())
+        assert listening_addresses(coord.proc.pid) == {
+            ("127.0.0.1", ready["listen_port"]),
+            ("127.0.0.2", ready["store_port"]),
+            ("127.0.0.3", ready["metrics_port"]),
+        }
+
+
+def test_metrics_beyond_loopback_when_asked_for(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    coord = CoordinatorProcess(
+        tmp_path, cluster_name, WORLD, etcd,
+        "--metrics-listen", "0.0.0.0:0", "--insecure-metrics-listen",
+    )  # fmt: skip
+    try:
+        port = metrics_port(coord)
+        assert ("0.0.0.0", port) in listening_addresses(coord.proc.pid)
+        assert sample(scrape(port), "ep_coordinator_epoch") is not None
+        assert "serving metrics beyond loopback" in coord.log_tail()
+    finally:
+        coord.stop()
 
 
 def test_every_mutating_admin_method_is_guarded() -> None:
