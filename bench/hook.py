@@ -235,5 +235,8 @@ class _IdleAdapter:
     def apply_metadata(self, blob: bytes, placement: Placement) -> None:
         raise self._unused()
 
+    def reload_experts(self, placement: Placement) -> int:
+        raise self._unused()
+
     def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
         raise self._unused()

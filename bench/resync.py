@@ -281,5 +281,8 @@ class _SlotsAdapter:
     def apply_metadata(self, blob: bytes, placement: Placement) -> None:
         pass
 
+    def reload_experts(self, placement: Placement) -> int:
+        return 0  # the bench's shrinks never lose an expert
+
     def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
         pass

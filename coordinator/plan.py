@@ -9,11 +9,60 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from protos.types import Placement, Transfer, TransferPlan
+from protos.types import CheckpointLoad, Placement, Transfer, TransferPlan
 
 
 class PlanError(ValueError):
-    """No healthy source holds an expert that a joiner needs."""
+    """No healthy source holds an expert that a joiner needs, or no survivor
+    can take an expert that lost every replica."""
+
+
+def relayout(
+    placement: Placement, survivors: Iterable[int]
+) -> tuple[Placement, tuple[CheckpointLoad, ...]]:
+    """Give every expert that has no replica left on `survivors` a survivor's
+    slot, to be loaded from the checkpoint there; `placement` itself when none
+    is lost (and no loads).
+
+    A slot given up holds a replica of an expert that keeps another live
+    replica: the most replicated first, then the survivor that gave up the
+    fewest slots so far, then the lowest slot (deterministic: a rollback that
+    plans again with the same survivors gets the same layout). Serving goes on
+    with every expert, at lower capacity. PlanError when some survivor slot
+    cannot be spared for a lost expert. The result has the next version.
+    """
+    alive = sorted(set(survivors))
+    if not alive:
+        raise PlanError("no survivor to hold the experts")
+    layers: list[tuple[int, ...]] = []
+    loads: list[CheckpointLoad] = []
+    given_up = dict.fromkeys(alive, 0)
+    for layer, slot_expert in enumerate(placement.layers):
+        slots = list(slot_expert)
+        live = [s for r in alive for s in placement.slots_of_rank(r)]
+        count: dict[int, int] = {}
+        for s in live:
+            count[slots[s]] = count.get(slots[s], 0) + 1
+        for expert in sorted(set(slot_expert) - set(count)):
+            spare = [s for s in live if count[slots[s]] >= 2]
+            if not spare:
+                raise PlanError(
+                    f"expert {expert} of layer {layer} has no replica left and no survivor "
+                    f"slot can be spared for it (survivors: {alive})"
+                )
+            slot = min(
+                spare, key=lambda s: (-count[slots[s]], given_up[placement.rank_of_slot(s)], s)
+            )
+            count[slots[slot]] -= 1
+            slots[slot] = expert
+            count[expert] = 1
+            rank = placement.rank_of_slot(slot)
+            given_up[rank] += 1
+            loads.append(CheckpointLoad(layer, slot, expert, rank))
+        layers.append(tuple(slots))
+    if not loads:
+        return placement, ()
+    return Placement(placement.version + 1, placement.slots_per_rank, tuple(layers)), tuple(loads)
 
 
 def transfer_plan(

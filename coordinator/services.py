@@ -24,7 +24,7 @@ from protos.ep_recovery.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from protos.types import Placement
+from protos.types import Placement, loads_to_proto
 
 if TYPE_CHECKING:
     from coordinator.runtime import Coordinator
@@ -82,6 +82,9 @@ def command_to_proto(coordinator: Coordinator, send: sm.Send) -> worker_pb2.Coor
             cmd.resync.plan.CopyFrom(plan.to_proto())
             cmd.resync.metadata_source = source
             cmd.resync.placement.CopyFrom(placement.to_proto())
+        case sm.Reload(placement, loads):
+            cmd.reload.placement.CopyFrom(placement.to_proto())
+            cmd.reload.loads.extend(loads_to_proto(loads))
         case sm.Resume(iteration, members):
             cmd.resume.iteration = iteration
             cmd.resume.members.extend(members)
@@ -115,6 +118,8 @@ def reply_from_proto(ack: worker_pb2.Ack) -> sm.Reply | None:
         case "resynced":
             r = ack.resynced
             return sm.Resynced(r.bytes_received, r.bytes_sent, r.transfer_ms)
+        case "reloaded":
+            return sm.Reloaded(ack.reloaded.slots_loaded, ack.reloaded.load_ms)
         case "resumed":
             return sm.Resumed(ack.resumed.stall_ms)
         case "failed":

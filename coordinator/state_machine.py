@@ -29,8 +29,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
-from coordinator.plan import PlanError, ProgressSample, hold_target, next_sample, transfer_plan
-from protos.types import Placement, TransferPlan
+from coordinator.plan import (
+    PlanError,
+    ProgressSample,
+    hold_target,
+    next_sample,
+    relayout,
+    transfer_plan,
+)
+from protos.types import CheckpointLoad, Placement, TransferPlan
 
 # How long before a member's broken session a peer's failed step still counts
 # as the second signal of its death. Measured: peers' collectives fail ~11 ms
@@ -92,6 +99,9 @@ class Step(StrEnum):
     HOLD = "hold"
     ABORT = "abort"
     REBUILD = "rebuild"
+    # A shrink whose survivors lost every replica of some expert: each loads
+    # what the new layout gives it from the checkpoint (plan.relayout).
+    RELOAD = "reload"
     RESYNC = "resync"
     RESUME = "resume"
 
@@ -105,7 +115,8 @@ class OpKind(StrEnum):
 
 STEPS: dict[OpKind, tuple[Step, ...]] = {
     OpKind.FORM: (Step.REBUILD, Step.RESUME),
-    OpKind.SHRINK: (Step.ABORT, Step.REBUILD, Step.RESUME),
+    # RELOAD is passed over unless the survivors lack an expert.
+    OpKind.SHRINK: (Step.ABORT, Step.REBUILD, Step.RELOAD, Step.RESUME),
     # PREFETCH moves the joiner's experts and REBUILD builds the next epoch's
     # groups while everyone serves (the survivors switch to them at RESUME);
     # the pause then covers RESYNC, which only hands over the metadata (and
@@ -128,6 +139,7 @@ PHASE_OF: dict[tuple[OpKind, Step], Phase] = {
     (OpKind.FORM, Step.RESUME): Phase.FORMING,
     (OpKind.SHRINK, Step.ABORT): Phase.HALTING,
     (OpKind.SHRINK, Step.REBUILD): Phase.SHRINKING,
+    (OpKind.SHRINK, Step.RELOAD): Phase.SHRINKING,
     (OpKind.SHRINK, Step.RESUME): Phase.SHRINKING,
     (OpKind.GROW, Step.WAIT_READY): Phase.ADMITTING,
     (OpKind.GROW, Step.PREFETCH): Phase.ADMITTING,
@@ -273,7 +285,13 @@ class CommandFailed:
     message: str
 
 
-Reply = Held | PastTarget | Halted | GroupsReady | Resynced | Resumed | CommandFailed
+@dataclass(frozen=True)
+class Reloaded:
+    slots_loaded: int = 0
+    load_ms: float = 0.0
+
+
+Reply = Held | PastTarget | Halted | GroupsReady | Resynced | Reloaded | Resumed | CommandFailed
 
 
 @dataclass(frozen=True)
@@ -400,6 +418,15 @@ class Resync:
 
 
 @dataclass(frozen=True)
+class Reload:
+    """Adopt `placement`, loading from the checkpoint every own slot whose
+    expert it changes; `loads` is the whole plan of such loads."""
+
+    placement: Placement
+    loads: tuple[CheckpointLoad, ...]
+
+
+@dataclass(frozen=True)
 class Resume:
     iteration: int
     members: tuple[int, ...]
@@ -417,7 +444,7 @@ class Leave:
     reason: str
 
 
-CommandBody = Hold | Abort | Rebuild | Prefetch | Resync | Resume | Retry | Leave
+CommandBody = Hold | Abort | Rebuild | Prefetch | Resync | Reload | Resume | Retry | Leave
 
 
 @dataclass(frozen=True)
@@ -673,6 +700,10 @@ class Operation:
     halted: dict[int, int] = field(default_factory=dict)
     stall_ms: dict[int, float] = field(default_factory=dict)
     plan: TransferPlan | None = None
+    # A shrink that re-lays experts lost with every replica: the layout it
+    # commits, and the checkpoint loads that fill it (plan.relayout).
+    placement: Placement | None = None
+    loads: tuple[CheckpointLoad, ...] = ()
 
     @property
     def participants(self) -> tuple[int, ...]:
@@ -1600,17 +1631,20 @@ class RecoveryStateMachine:
         if not survivors:
             self._cluster_lost("every member of the cluster failed")
             return
-        unplaced = self._unplaced_on(survivors)
-        if unplaced is not None:
-            # The survivors could neither serve it nor hand it to a joiner: a
-            # shrink would fail at its resume, again and again.
-            layer, expert = unplaced
-            self._cluster_lost(
-                f"expert {expert} of layer {layer} has no replica left on the "
-                f"surviving members {survivors}"
-            )
-            return
-        self._begin(self._new_op(OpKind.SHRINK, survivors, ()))
+        op = self._new_op(OpKind.SHRINK, survivors, ())
+        if self._unplaced_on(survivors) is not None:
+            # Experts with no replica left: the survivors take them over from
+            # the checkpoint (RELOAD), at lower capacity; a later admission
+            # brings the lost rank back into this layout.
+            assert self.placement is not None
+            try:
+                op.placement, op.loads = relayout(self.placement, survivors)
+            except PlanError as exc:
+                # The survivors could neither serve it nor hand it to a joiner:
+                # a shrink would fail at its resume, again and again.
+                self._cluster_lost(str(exc))
+                return
+        self._begin(op)
 
     def _cluster_lost(self, why: str) -> None:
         # No member is left to hold the weights: the cluster must be formed anew.
@@ -1662,9 +1696,13 @@ class RecoveryStateMachine:
             op.awaiting = set()
             self._advance_if_ready()
             return
+        if step == Step.RELOAD and op.placement is None:
+            return self._next_step()  # every expert kept a live replica
         if step == Step.RESUME:
             self.epoch = op.target_epoch
             self.members = op.participants
+            if op.placement is not None:
+                self.placement = op.placement  # committed with the epoch
             self._step_failures.clear()
             self._first_step_failure_at = None
             for rank in op.joining:  # members from now on (BUG-2)
@@ -1705,6 +1743,9 @@ class RecoveryStateMachine:
                 assert self.placement is not None and op.plan is not None
                 source = min(op.survivors)
                 return Resync(op.plan, source, self.placement), op.participants
+            case Step.RELOAD:
+                assert op.placement is not None
+                return Reload(op.placement, op.loads), op.participants
             case Step.RESUME:
                 iteration = {
                     OpKind.FORM: 0,
@@ -1897,6 +1938,7 @@ class RecoveryStateMachine:
             Step.HOLD: (Held, PastTarget),
             Step.ABORT: (Halted,),
             Step.REBUILD: (GroupsReady,),
+            Step.RELOAD: (Reloaded,),
             Step.RESYNC: (Resynced,),
             Step.RESUME: (Resumed,),
         }[op.step]

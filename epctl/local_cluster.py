@@ -613,6 +613,22 @@ def expert_lost_with(ranks: int, ranks_per_node: int, seed: int, lost: set[int])
     return None
 
 
+def unservable_loss(ranks: int, ranks_per_node: int, seed: int, lost: set[int]) -> str | None:
+    """Why the ranks left after losing `lost` could not serve every expert even
+    with lost experts reloaded from the checkpoint onto them (the shrink's
+    plan.relayout), or None when they can."""
+    from coordinator.plan import PlanError, relayout
+    from reference_engine.placement import build_placement
+
+    cfg = ModelConfig(seed=seed)
+    placement = build_placement(ranks, ranks_per_node, cfg.n_experts, cfg.replicas, cfg.n_layers)
+    try:
+        relayout(placement, set(range(ranks)) - lost)
+    except PlanError as exc:
+        return str(exc)
+    return None
+
+
 def timeline_report(cluster: LocalCluster) -> list[dict[str, Any]]:
     t0 = cluster.t0_unix_ms
     return [

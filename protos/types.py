@@ -5,6 +5,7 @@ The coordinator and the agent both use these; neither imports the other.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from protos.ep_recovery.v1 import common_pb2, worker_pb2
@@ -41,6 +42,28 @@ class Placement:
             slots_per_rank=msg.slots_per_rank,
             layers=tuple(tuple(layer.slot_expert) for layer in msg.layers),
         )
+
+
+@dataclass(frozen=True, order=True)
+class CheckpointLoad:
+    """One expert slot filled from the checkpoint (the engine's weights on
+    disk) on its own rank, because no live rank holds that expert any more."""
+
+    layer: int
+    slot: int
+    expert: int
+    rank: int
+
+
+def loads_to_proto(loads: tuple[CheckpointLoad, ...]) -> list[worker_pb2.CheckpointLoad]:
+    return [
+        worker_pb2.CheckpointLoad(layer=x.layer, slot=x.slot, expert=x.expert, rank=x.rank)
+        for x in loads
+    ]
+
+
+def loads_from_proto(msgs: Iterable[worker_pb2.CheckpointLoad]) -> tuple[CheckpointLoad, ...]:
+    return tuple(CheckpointLoad(m.layer, m.slot, m.expert, m.rank) for m in msgs)
 
 
 @dataclass(frozen=True, order=True)

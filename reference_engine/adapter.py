@@ -10,16 +10,28 @@ from typing import TYPE_CHECKING
 import torch
 
 from reference_engine.config import ModelConfig
-from reference_engine.engine import EPEngine
+from reference_engine.engine import EPEngine, ExpertSource
 from reference_engine.ep import EPGroup
+from reference_engine.model import expert_weights
 from worker_agent.adapter import EngineAdapter, GroupSpec, Placement
 
 
 class ReferenceEngineAdapter:
-    def __init__(self, engine: EPEngine, cfg: ModelConfig, hostname: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        engine: EPEngine,
+        cfg: ModelConfig,
+        hostname: str = "127.0.0.1",
+        experts: ExpertSource | None = None,
+    ) -> None:
+        """`experts`: where reloaded experts come from (the checkpoint file);
+        by default derived from the config's seed, as derive_weights does."""
         self.engine = engine
         self.cfg = cfg
         self.hostname = hostname  # the address this rank's gloo device listens on
+        self.experts: ExpertSource = experts or (
+            lambda layer, expert: expert_weights(cfg, layer, expert)
+        )
 
     def fingerprint(self) -> str:
         return self.engine.fingerprint
@@ -60,6 +72,9 @@ class ReferenceEngineAdapter:
             )
         self.engine.apply_placement(placement)
         self.engine.expert_tokens = [[int(n) for n in row] for row in counters]
+
+    def reload_experts(self, placement: Placement) -> int:
+        return self.engine.reload_experts(placement, self.experts)
 
     def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
         self.engine.install_staged(epoch)

@@ -55,6 +55,8 @@ from worker_agent.groups import NCCL, backend_for_device
 log = logging.getLogger(__name__)
 
 CompleteFn = Callable[[int, tuple[int, ...]], None]
+# (layer, logical expert) -> (w1, w2): where reloaded experts come from.
+ExpertSource = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 CAPTURE_WAIT_S = 3.0
 
@@ -392,16 +394,9 @@ class EPEngine:
     def apply_placement(self, placement: Placement) -> None:
         """Adopt `placement`; a slot whose expert changes is emptied (NaN) until
         its weights are received."""
-        if len(placement.layers) != self.cfg.n_layers:
-            raise ValueError(
-                f"placement has {len(placement.layers)} layers, the model {self.cfg.n_layers}"
-            )
+        self._check_shape(placement)
         if self._static is not None:
             spr = self._placement.slots_per_rank
-            if placement.slots_per_rank != spr:
-                raise ValueError(
-                    f"placement has {placement.slots_per_rank} slots per rank, the engine {spr}"
-                )
             routes = self._build_routes(self.members, placement)
             for layer, slot_expert in enumerate(placement.layers):
                 for slot in placement.slots_of_rank(self.rank):
@@ -419,6 +414,50 @@ class EPEngine:
                 slots[(layer, slot)] = kept if kept is not None and same else self._empty_slot()
         routes = self._build_routes(self.members, placement)
         self._placement, self._slots, self._routes = placement, slots, routes
+
+    def reload_experts(self, placement: Placement, source: ExpertSource) -> int:
+        """Adopt `placement`, filling each own slot whose expert it changes
+        from `source` (the checkpoint); returns the slots loaded. The engine's
+        placement describes what its slots hold at every moment, also when a
+        load fails half-way: a retry loads exactly what is still missing."""
+        self._check_shape(placement)
+        spr = placement.slots_per_rank
+        layers = [list(layer) for layer in self._placement.layers]
+        loaded = 0
+        try:
+            for layer, slot_expert in enumerate(placement.layers):
+                for slot in placement.slots_of_rank(self.rank):
+                    expert = slot_expert[slot]
+                    if layers[layer][slot] == expert:
+                        continue
+                    w1, w2 = source(layer, expert)
+                    if self._static is not None:
+                        self._static.experts.load((layer, slot - self.rank * spr), w1, w2)
+                    else:
+                        self._slots[(layer, slot)] = (w1.clone(), w2.clone())
+                    layers[layer][slot] = expert
+                    loaded += 1
+        finally:
+            if self._static is not None and loaded:
+                self._static.experts.sync()
+            self._placement = replace(
+                self._placement, layers=tuple(tuple(layer) for layer in layers)
+            )
+        self._placement, self._routes = placement, self._build_routes(self.members, placement)
+        if self._static is not None and self.group is not None:
+            self._static.set_routes(placement, self.members, self.group.members)
+        return loaded
+
+    def _check_shape(self, placement: Placement) -> None:
+        if len(placement.layers) != self.cfg.n_layers:
+            raise ValueError(
+                f"placement has {len(placement.layers)} layers, the model {self.cfg.n_layers}"
+            )
+        if placement.slots_per_rank != self._placement.slots_per_rank:
+            raise ValueError(
+                f"placement has {placement.slots_per_rank} slots per rank, the engine "
+                f"{self._placement.slots_per_rank}"
+            )
 
     def step(self) -> None:
         """Decode one token of every running request; raises StepAborted or

@@ -100,6 +100,25 @@ def save_checkpoint(path: Path, cfg: ModelConfig, weights: Weights | None = None
     torch.save({"config": cfg.model_dump(), "tensors": dict(weights.named_tensors())}, path)
 
 
+class CheckpointExperts:
+    """Single experts read from a checkpoint file as they are asked for. The
+    file is memory-mapped: only the pages of the experts read are loaded, not
+    the whole model (what a survivor needs when it takes over a lost expert)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tensors: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors = torch.load(self.path, weights_only=True, mmap=True)["tensors"]
+        t = self._tensors
+        key = f"layers.{layer}.experts.{expert}"
+        if f"{key}.w1" not in t:
+            raise KeyError(f"{self.path} holds no expert {expert} of layer {layer}")
+        return t[f"{key}.w1"], t[f"{key}.w2"]
+
+
 def load_checkpoint(path: Path) -> tuple[ModelConfig, Weights]:
     blob = torch.load(path, weights_only=True)
     cfg = ModelConfig.model_validate(blob["config"])

@@ -19,7 +19,7 @@ from reference_engine.adapter import ReferenceEngineAdapter
 from reference_engine.config import ModelConfig
 from reference_engine.engine import EPEngine
 from reference_engine.frontend import FrontendClient
-from reference_engine.model import derive_weights, load_checkpoint
+from reference_engine.model import CheckpointExperts, derive_weights, load_checkpoint
 from reference_engine.placement import build_placement
 from worker_agent.adapter import StepAborted
 from worker_agent.agent import (
@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     # CUDA: NCCL, cuBLAS and the first graph capture are paid here, before the
     # rank registers (a joiner: before it reports ready), not in the pause.
     engine.warm_up()
-    adapter = ReferenceEngineAdapter(engine, cfg)
+    adapter = ReferenceEngineAdapter(
+        engine,
+        cfg,
+        experts=CheckpointExperts(args.checkpoint) if args.checkpoint is not None else None,
+    )
     agent = WorkerAgent(
         AgentConfig(
             cluster=args.cluster,

@@ -139,6 +139,18 @@ class RecordingAdapter:
         self.calls.append(("apply", blob, placement.version))
         self.metadata = blob
 
+    def reload_experts(self, placement: Placement) -> int:
+        """Slots whose expert changes take its checkpoint value (expert_value)."""
+        self.calls.append(("reload", placement.version))
+        loaded = 0
+        for layer, slot_expert in enumerate(placement.layers):
+            for slot in placement.slots_of_rank(self.rank):
+                if self._placement.layers[layer][slot] != slot_expert[slot]:
+                    self.tensors[(layer, slot)].fill_(expert_value(layer, slot_expert[slot]))
+                    loaded += 1
+        self._placement = placement
+        return loaded
+
     def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
         self.calls.append(("reset", epoch, iteration, tuple(members)))
         built, group = self.staged[-1]

@@ -95,6 +95,28 @@ def test_a_total_loss_forms_again_without_an_operator(tmp_path: Path) -> None:
     assert report["final_epoch"] > 2
 
 
+def test_experts_that_lose_every_replica_are_reloaded_and_serving_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Ranks 0 and 2 hold the only replicas of some experts: the survivors load
+    those from the checkpoint into spare slots and serve every request with
+    the reference's tokens; both ranks then rejoin."""
+    rc, out, err = _run_demo(tmp_path, "--json", "--kill", "0,2", "--workdir", str(tmp_path / "w"))
+    assert out.strip(), err[-3000:]
+    report = last_json(out)
+    assert rc == 0, f"{err[-3000:]}\n{report}"
+    _check_served_everything(report, 4)
+    assert report["unplanned_exits"] == []
+    assert sorted(r["rank"] for r in report["rejoins"]) == [0, 2]
+    reloaded = [
+        line
+        for rank in (1, 3)
+        for line in (tmp_path / "w" / f"rank{rank}.log").read_text().splitlines()
+        if "experts reloaded from the checkpoint" in line
+    ]
+    assert len(reloaded) == 2 and all("slots=0" not in line for line in reloaded)
+
+
 def test_human_report_shows_phases_and_verdict(tmp_path: Path) -> None:
     rc, out, err = _run_demo(tmp_path, "--kill", "3", "--requests", "16")
     assert rc == 0, err[-3000:]
@@ -107,7 +129,7 @@ def test_human_report_shows_phases_and_verdict(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--kill", "9"], "rank 9 is outside the cluster"),
-        (["--kill", "0,2"], "would lose every replica of expert 0"),
+        (["--kill", "0,1,2"], "no survivor slot can be spared"),
         (["--kill", "1,x"], "--kill takes ranks like"),
         (["--ranks", "1"], "--ranks must be at least 2"),
         (["--ranks-per-node", "3"], "must divide --ranks 4"),

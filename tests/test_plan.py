@@ -16,7 +16,14 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from coordinator.plan import PlanError, ProgressSample, hold_target, next_sample, transfer_plan
+from coordinator.plan import (
+    PlanError,
+    ProgressSample,
+    hold_target,
+    next_sample,
+    relayout,
+    transfer_plan,
+)
 from protos.types import Placement, TransferPlan
 
 # --- placements -------------------------------------------------------------------
@@ -380,3 +387,59 @@ def test_rate_never_exceeds_the_fastest_interval_on_the_ranks_clock(
         fastest = max(fastest, advance / clock_gap)
         sample = next_sample(sample, iteration, at, clock)
     assert 0.0 <= sample.rate <= fastest + 1e-9
+
+
+# --- relayout ---------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(placements(), st.data())
+def test_relayout_gives_every_expert_a_live_slot_or_refuses(
+    placement: Placement, data: st.DataObject
+) -> None:
+    """Whatever set of ranks survives: every expert of every layer ends on a
+    survivor's slot, only survivors' slots change (each to an expert that had
+    no live replica, loaded from the checkpoint there), no expert that had a
+    live replica loses its last one, and a layer with nothing lost keeps its
+    slots. Or, when no survivor slot can be spared, PlanError."""
+    n = len(placement.layers[0]) // placement.slots_per_rank
+    survivors = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1)))
+    try:
+        after, loads = relayout(placement, survivors)
+    except PlanError:
+        # Only when some layer loses more experts than it has spare survivor slots.
+        short = False
+        for slot_expert in placement.layers:
+            live = [slot_expert[s] for r in survivors for s in placement.slots_of_rank(r)]
+            lost = set(slot_expert) - set(live)
+            spare = len(live) - len(set(live))
+            short |= len(lost) > spare
+        assert short
+        return
+    assert (after.version == placement.version) == (not loads)
+    for layer, (old, new) in enumerate(zip(placement.layers, after.layers, strict=True)):
+        live_new = {new[s] for r in survivors for s in after.slots_of_rank(r)}
+        assert live_new == set(old)  # every expert, nothing else
+        changed = {s for s in range(len(old)) if old[s] != new[s]}
+        assert changed == {x.slot for x in loads if x.layer == layer}
+        for x in loads:
+            if x.layer == layer:
+                assert x.rank in survivors and x.rank == placement.rank_of_slot(x.slot)
+                assert new[x.slot] == x.expert
+                assert x.expert not in {
+                    old[s] for r in survivors for s in placement.slots_of_rank(r)
+                }
+    assert relayout(placement, survivors) == (after, loads)  # one plan, whoever computes it
+
+
+def test_relayout_worked_example_two_ranks_lost() -> None:
+    # 4 ranks x 2 slots, experts 0..3 twice: rank 0 {0,1}, 1 {2,3}, 2 {0,1}, 3 {2,3}.
+    placement = Placement(7, 2, ((0, 1, 2, 3, 0, 1, 2, 3),))
+    after, loads = relayout(placement, [1, 3])  # experts 0 and 1 lost
+    # Ranks 1 and 3 each give up one slot (a replica of 2 or 3, which keep one).
+    assert after.version == 8
+    assert after.layers == ((0, 1, 0, 3, 0, 1, 2, 1),)
+    assert [(x.slot, x.expert, x.rank) for x in loads] == [(2, 0, 1), (7, 1, 3)]
+    assert relayout(placement, [0, 1, 2, 3]) == (placement, ())
+    with pytest.raises(PlanError, match="no survivor slot can be spared"):
+        relayout(placement, [1])  # two lost experts, rank 1's two slots are both needed

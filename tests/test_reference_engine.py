@@ -23,6 +23,7 @@ from reference_engine.adapter import ReferenceEngineAdapter
 from reference_engine.config import ModelConfig
 from reference_engine.engine import EPEngine
 from reference_engine.model import (
+    CheckpointExperts,
     derive_weights,
     expert_weights,
     fingerprint,
@@ -84,6 +85,54 @@ def test_weights_derive_per_expert_and_survive_a_checkpoint(tmp_path: Path) -> N
     assert fingerprint(CFG) != fingerprint(ModelConfig(seed=CFG.seed + 1))
     requests = make_requests(3, 3)
     assert reference_outputs(loaded, cfg, requests) == reference_outputs(WEIGHTS, CFG, requests)
+
+
+def test_reload_fills_changed_slots_from_the_checkpoint_and_retries_exactly(
+    tmp_path: Path,
+) -> None:
+    """A survivor takes over experts that lost every replica: the slots the new
+    placement changes get the checkpoint's tensors (read through mmap), the
+    others stay; a load that fails half-way leaves the engine's placement
+    describing what its slots hold, so a retry loads exactly the rest."""
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, CFG, WEIGHTS)
+    placement = build_placement(4, 1, CFG.n_experts, CFG.replicas, CFG.n_layers)
+    engine = EPEngine(CFG, 1, 4, placement, WEIGHTS)
+    spr = placement.slots_per_rank
+    mine = list(placement.slots_of_rank(1))
+    # Every layer gives its first two slots on rank 1 to two other experts.
+    layers = []
+    for slot_expert in placement.layers:
+        slots = list(slot_expert)
+        held = {slots[s] for s in mine}
+        others = [e for e in range(CFG.n_experts) if e not in held]
+        slots[mine[0]], slots[mine[1]] = others[0], others[1]
+        layers.append(tuple(slots))
+    new = type(placement)(placement.version + 1, spr, tuple(layers))
+    checkpoint = CheckpointExperts(path)
+    calls: list[tuple[int, int]] = []
+
+    def failing_once(layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append((layer, expert))
+        if len(calls) == 3:
+            raise OSError("disk hiccup")
+        return checkpoint(layer, expert)
+
+    with pytest.raises(OSError, match="disk hiccup"):
+        engine.reload_experts(new, failing_once)
+    assert engine.placement.version == placement.version  # not adopted
+    loaded = engine.reload_experts(new, checkpoint)
+    assert loaded == 2 * CFG.n_layers - 2  # the two loaded before the failure stay
+    assert engine.placement == new
+    for layer, slot_expert in enumerate(new.layers):
+        for slot in mine:
+            w1, w2 = engine.slot_tensors(layer, slot)
+            expert = slot_expert[slot]
+            assert torch.equal(w1, WEIGHTS.layers[layer].w1[expert])
+            assert torch.equal(w2, WEIGHTS.layers[layer].w2[expert])
+    assert engine.reload_experts(new, checkpoint) == 0  # idempotent
+    with pytest.raises(KeyError, match="no expert 99 of layer 0"):
+        checkpoint(0, 99)
 
 
 # --- two ranks in threads -------------------------------------------------------

@@ -84,6 +84,8 @@ from coordinator.state_machine import (
     Rebuild,
     RecoveryStateMachine,
     Refuse,
+    Reload,
+    Reloaded,
     Reply,
     Resume,
     Resumed,
@@ -99,7 +101,7 @@ from coordinator.state_machine import (
     Tick,
     store_prefix,
 )
-from protos.types import Placement
+from protos.types import CheckpointLoad, Placement
 
 CLUSTER = "prod-a"
 FP = "moe-16e/bf16/v1"
@@ -585,21 +587,24 @@ def test_a_rollback_in_rebuilding_releases_the_abandoned_epochs_group_builds() -
     assert all(s.epoch == 4 for s in aborts)
 
 
-def test_survivors_without_every_expert_end_the_cluster_instead_of_shrinking() -> None:
+def test_survivors_without_every_expert_reload_it_instead_of_shrinking_in_a_loop() -> None:
     # Ranks 0 and 2 hold the only replicas of experts 0 and 1 (the ring
-    # placement). With both gone the survivors can serve nothing: a shrink to
-    # them would fail at its resume, then roll back to another shrink, forever
-    # (seen in the soak: 140 shrinks a second). The cluster is lost instead.
+    # placement). A plain shrink to the others would fail at its resume, then
+    # roll back to another shrink, forever (seen in the soak: 140 shrinks a
+    # second). The shrink re-lays the lost experts onto the survivors instead
+    # (RELOAD) and completes once; with no slot to spare the cluster is lost
+    # (test_a_shrink_that_cannot_spare_a_slot_for_a_lost_expert_loses_the_cluster).
     d = Driver(4)
     d.form()
     d.shrink(d.kill(0), lambda s: 7)
     out = d.kill(2)
-    assert not sent(out, Abort)
-    assert d.machine.phase == Phase.FORMING and d.machine.members == ()
-    ended = of_type(out, Refuse)
-    assert sorted(r.rank for r in ended) == [1, 3] and all(r.end_session for r in ended)
-    assert "expert 0 of layer 0 has no replica left" in ended[0].message
-    assert sorted(f.rank for f in of_type(out, RankFailed)) == [1, 2, 3]
+    rebuilds = sent(d.ack_all(sent(out, Abort), lambda s: Halted(7)), Rebuild)
+    reloads = sent(d.ack_all(rebuilds, lambda s: GroupsReady()), Reload)
+    assert sorted(s.rank for s in reloads) == [1, 3]
+    resumes = sent(d.ack_all(reloads, lambda s: Reloaded()), Resume)
+    d.ack_all(resumes, lambda s: Resumed())
+    assert d.machine.phase == Phase.DEGRADED and d.machine.op is None
+    assert d.machine.members == (1, 3) and d.machine.epoch == 3
 
 
 def test_a_member_not_yet_back_after_a_take_over_is_not_convicted_by_a_failed_step() -> None:
@@ -1651,6 +1656,53 @@ def test_joiner_committed_before_a_survivor_dies_stays_a_member() -> None:
     assert d.machine.op is None and d.machine.phase == Phase.DEGRADED
     d.ready(2)
     assert d.machine.op is None and d.machine.phase == Phase.DEGRADED
+
+
+def test_experts_that_lose_every_replica_are_reloaded_onto_survivors() -> None:
+    """Ranks 0 and 2 held the only replicas of experts 0 and 1. The shrink does
+    not lose the cluster: it re-lays them onto spare slots of ranks 1 and 3,
+    which load them from the checkpoint (RELOAD, the one plan), and commits
+    the new placement with the epoch. The rejoin then takes its experts from
+    the reloaded copies."""
+    placement = Placement(1, 2, ((0, 1, 2, 3, 0, 1, 2, 3),))
+    d = Driver(4, placement)
+    d.form()
+    d.shrink(d.kill(0), lambda s: 5)  # experts 0 and 1 live on rank 2 still
+    assert d.machine.placement == placement
+    out = d.kill(2)
+    rebuilds = sent(d.ack_all(sent(out, Abort), lambda s: Halted(5)), Rebuild)
+    reloads = sent(d.ack_all(rebuilds, lambda s: GroupsReady()), Reload)
+    assert sorted(s.rank for s in reloads) == [1, 3]
+    new = Placement(2, 2, ((0, 1, 0, 3, 0, 1, 2, 1),))
+    assert {s.command for s in reloads} == {  # type: ignore[misc]
+        Reload(new, (CheckpointLoad(0, 2, 0, 1), CheckpointLoad(0, 7, 1, 3)))
+    }
+    assert d.machine.placement == placement  # not committed before the resume
+    resumes = sent(d.ack_all(reloads, lambda s: Reloaded(1, 2.0)), Resume)
+    assert d.persisted.placement == new  # committed with the epoch
+    d.ack_all(resumes, lambda s: Resumed())
+    assert d.machine.phase == Phase.DEGRADED and d.machine.members == (1, 3)
+
+    d.register(0, rejoin=True)
+    out = d.handle(JoinerReady(0, d.sessions[0]))
+    [prefetch] = {s.command for s in sent(out, Prefetch)}
+    assert isinstance(prefetch, Prefetch)
+    assert [(t.dst_slot, t.src_slot, t.src_rank) for t in prefetch.plan.transfers] == [
+        (0, 2, 1),
+        (1, 7, 3),
+    ]
+
+
+def test_a_shrink_that_cannot_spare_a_slot_for_a_lost_expert_loses_the_cluster() -> None:
+    placement = Placement(1, 2, ((0, 1, 2, 3, 0, 1, 2, 3),))
+    d = Driver(4, placement)
+    d.form()
+    d.shrink(d.kill(0), lambda s: 5)
+    d.shrink(d.kill(3), lambda s: 6)  # ranks 1 {2,3} and 2 {0,1}: every expert once
+    out = d.kill(2)  # rank 1 alone cannot hold four experts in two slots
+    assert not sent(out, Abort) and d.machine.phase == Phase.FORMING
+    [ended] = [r for r in of_type(out, Refuse) if r.rank == 1]
+    assert "no survivor slot can be spared" in ended.message
 
 
 def test_a_lost_cluster_forms_again_from_relaunched_ranks() -> None:

@@ -84,6 +84,14 @@ class EngineAdapter(Protocol):
         """Adopt metadata exported by a healthy rank and the coordinator's placement."""
         ...
 
+    def reload_experts(self, placement: Placement) -> int:
+        """Adopt `placement`: fill every own slot whose logical expert it
+        changes from the checkpoint (the engine's weights on disk, only those
+        experts), and route by it from now on. Idempotent: a slot that already
+        holds its expert is left alone. Called while held in a shrink whose
+        survivors lost every replica of some expert. Returns the slots loaded."""
+        ...
+
     def reset_state(self, epoch: int, iteration: int, members: Sequence[int]) -> None:
         """Resume after `iteration` in `epoch` with `members` active: switch to the
         groups `rebuild_groups` built for `epoch`, roll back any work past

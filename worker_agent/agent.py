@@ -297,6 +297,15 @@ class WorkerAgent:
                         transfer_ms=result.transfer_ms,
                     ),
                 )
+            case "reload":
+                started = time.perf_counter()
+                loaded = self.adapter.reload_experts(Placement.from_proto(cmd.reload.placement))
+                load_ms = (time.perf_counter() - started) * 1000.0
+                log.info(
+                    "experts reloaded from the checkpoint",
+                    extra=fields(rank=self.config.rank, slots=loaded, ms=round(load_ms, 2)),
+                )
+                self._ack(order, reloaded=worker_pb2.Reloaded(slots_loaded=loaded, load_ms=load_ms))
             case "resume":
                 members = tuple(cmd.resume.members)
                 self.adapter.reset_state(order.epoch, cmd.resume.iteration, members)

@@ -84,7 +84,7 @@ class LeaseRenewed(_message.Message):
     def __init__(self, lease_id: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("epoch", "op_id", "command_id", "held", "past_target", "halted", "groups_ready", "resynced", "resumed", "failed")
+    __slots__ = ("epoch", "op_id", "command_id", "held", "past_target", "halted", "groups_ready", "resynced", "resumed", "failed", "reloaded")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class Ack(_message.Message):
     RESYNCED_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    RELOADED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     op_id: str
     command_id: int
@@ -105,7 +106,8 @@ class Ack(_message.Message):
     resynced: Resynced
     resumed: Resumed
     failed: CommandFailed
-    def __init__(self, epoch: _Optional[int] = ..., op_id: _Optional[str] = ..., command_id: _Optional[int] = ..., held: _Optional[_Union[Held, _Mapping]] = ..., past_target: _Optional[_Union[PastTarget, _Mapping]] = ..., halted: _Optional[_Union[Halted, _Mapping]] = ..., groups_ready: _Optional[_Union[GroupsReady, _Mapping]] = ..., resynced: _Optional[_Union[Resynced, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., failed: _Optional[_Union[CommandFailed, _Mapping]] = ...) -> None: ...
+    reloaded: Reloaded
+    def __init__(self, epoch: _Optional[int] = ..., op_id: _Optional[str] = ..., command_id: _Optional[int] = ..., held: _Optional[_Union[Held, _Mapping]] = ..., past_target: _Optional[_Union[PastTarget, _Mapping]] = ..., halted: _Optional[_Union[Halted, _Mapping]] = ..., groups_ready: _Optional[_Union[GroupsReady, _Mapping]] = ..., resynced: _Optional[_Union[Resynced, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., failed: _Optional[_Union[CommandFailed, _Mapping]] = ..., reloaded: _Optional[_Union[Reloaded, _Mapping]] = ...) -> None: ...
 
 class Held(_message.Message):
     __slots__ = ("iteration",)
@@ -148,6 +150,14 @@ class Resumed(_message.Message):
     STALL_MS_FIELD_NUMBER: _ClassVar[int]
     stall_ms: float
     def __init__(self, stall_ms: _Optional[float] = ...) -> None: ...
+
+class Reloaded(_message.Message):
+    __slots__ = ("slots_loaded", "load_ms")
+    SLOTS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    slots_loaded: int
+    load_ms: float
+    def __init__(self, slots_loaded: _Optional[int] = ..., load_ms: _Optional[float] = ...) -> None: ...
 
 class CommandFailed(_message.Message):
     __slots__ = ("message",)
@@ -228,7 +238,7 @@ class TransferPlan(_message.Message):
     def __init__(self, placement_version: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("epoch", "op_id", "command_id", "hold", "abort", "rebuild", "resync", "resume", "retry", "leave", "prefetch")
+    __slots__ = ("epoch", "op_id", "command_id", "hold", "abort", "rebuild", "resync", "resume", "retry", "leave", "prefetch", "reload")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +250,7 @@ class Command(_message.Message):
     RETRY_FIELD_NUMBER: _ClassVar[int]
     LEAVE_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
+    RELOAD_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     op_id: str
     command_id: int
@@ -251,7 +262,28 @@ class Command(_message.Message):
     retry: Retry
     leave: Leave
     prefetch: Prefetch
-    def __init__(self, epoch: _Optional[int] = ..., op_id: _Optional[str] = ..., command_id: _Optional[int] = ..., hold: _Optional[_Union[Hold, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., rebuild: _Optional[_Union[Rebuild, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., retry: _Optional[_Union[Retry, _Mapping]] = ..., leave: _Optional[_Union[Leave, _Mapping]] = ..., prefetch: _Optional[_Union[Prefetch, _Mapping]] = ...) -> None: ...
+    reload: Reload
+    def __init__(self, epoch: _Optional[int] = ..., op_id: _Optional[str] = ..., command_id: _Optional[int] = ..., hold: _Optional[_Union[Hold, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., rebuild: _Optional[_Union[Rebuild, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., retry: _Optional[_Union[Retry, _Mapping]] = ..., leave: _Optional[_Union[Leave, _Mapping]] = ..., prefetch: _Optional[_Union[Prefetch, _Mapping]] = ..., reload: _Optional[_Union[Reload, _Mapping]] = ...) -> None: ...
+
+class Reload(_message.Message):
+    __slots__ = ("placement", "loads")
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    placement: _common_pb2.Placement
+    loads: _containers.RepeatedCompositeFieldContainer[CheckpointLoad]
+    def __init__(self, placement: _Optional[_Union[_common_pb2.Placement, _Mapping]] = ..., loads: _Optional[_Iterable[_Union[CheckpointLoad, _Mapping]]] = ...) -> None: ...
+
+class CheckpointLoad(_message.Message):
+    __slots__ = ("layer", "slot", "expert", "rank")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    slot: int
+    expert: int
+    rank: int
+    def __init__(self, layer: _Optional[int] = ..., slot: _Optional[int] = ..., expert: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Hold(_message.Message):
     __slots__ = ("iteration",)
