@@ -89,7 +89,8 @@ class CoordinatorMetrics:
         )
         self.refused = Counter(
             "refused_messages",
-            "Messages from ranks refused (hellos and in-session messages), by gRPC status code.",
+            "Messages refused, by gRPC status code: ranks' hellos and in-session messages, "
+            "and any request refused at the door (malformed, or a field over its size limit).",
             ["code"],
             namespace=NAMESPACE,
             registry=r,

@@ -45,6 +45,8 @@ from coordinator.services import (
     event_to_proto,
     set_serving,
 )
+from coordinator.wire import WireGuard
+from protos.limits import MESSAGE_SIZE_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -667,7 +669,18 @@ async def _lead(
     admin_auth = secrets.admin_auth()
     if admin_auth is not None:
         admin_auth.on_denied = lambda code: coordinator.metrics.observe_admin_denied(code.name)
-    server = grpc.aio.server(interceptors=[admin_auth] if admin_auth is not None else [])
+    # AdminAuth first: it keeps WireGuard's request deserializer and checks the
+    # credential before WireGuard refuses a bad request, so a caller without
+    # the credential learns nothing about what the request held.
+    wire_guard = WireGuard(
+        on_refused=lambda: coordinator.metrics.observe_refused(
+            grpc.StatusCode.INVALID_ARGUMENT.name
+        )
+    )
+    server = grpc.aio.server(
+        interceptors=[*([admin_auth] if admin_auth is not None else []), wire_guard],
+        options=MESSAGE_SIZE_OPTIONS,
+    )
     health = add_services(server, coordinator)
     try:
         bound = _bind(server, config, secrets)

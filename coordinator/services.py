@@ -337,12 +337,30 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def Drain(
         self, request: admin_pb2.DrainRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.AdminReply:
-        return await self._mutate(request.request_id, sm.Drain(request.rank), context)
+        rank = await self._present_rank(request, "Drain", context)
+        return await self._mutate(request.request_id, sm.Drain(rank), context)
 
     async def Admit(
         self, request: admin_pb2.AdmitRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.AdminReply:
-        return await self._mutate(request.request_id, sm.Admit(request.rank), context)
+        rank = await self._present_rank(request, "Admit", context)
+        return await self._mutate(request.request_id, sm.Admit(rank), context)
+
+    @staticmethod
+    async def _present_rank(
+        request: admin_pb2.DrainRequest | admin_pb2.AdmitRequest,
+        method: str,
+        context: grpc.aio.ServicerContext,
+    ) -> int:
+        """The request's rank. A request without one (or with one of the wrong
+        wire type, which protobuf keeps as an unknown field) would read as rank
+        0 and act on it: INVALID_ARGUMENT instead."""
+        if not request.HasField("rank"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{method} needs a rank: the request has no rank field (an int64, field 2)",
+            )
+        return request.rank
 
     async def ListOperations(
         self, request: admin_pb2.ListOperationsRequest, context: grpc.aio.ServicerContext

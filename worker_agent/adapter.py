@@ -53,11 +53,14 @@ class GroupSpec:
 
 class EngineAdapter(Protocol):
     def fingerprint(self) -> str:
-        """Identifies model, weights and engine build; ranks of one cluster agree."""
+        """Identifies model, weights and engine build; ranks of one cluster agree.
+        At most 256 characters (the coordinator refuses a longer one)."""
         ...
 
     def placement(self) -> Placement:
-        """The engine's own view of the expert placement (may be stale on a joiner)."""
+        """The engine's own view of the expert placement (may be stale on a joiner).
+        At most 1,024 layers of 65,536 slots, and 16 MiB in the Hello that
+        carries it (protos/limits.py); the coordinator refuses more."""
         ...
 
     def abort_collectives(self, epoch: int) -> None:

@@ -49,6 +49,7 @@ from coordinator.election import decode_leader, read_leader
 from coordinator.logs import fields
 from coordinator.security import ClientTls, EtcdAccess
 from protos.ep_recovery.v1 import worker_pb2, worker_pb2_grpc
+from protos.limits import MESSAGE_SIZE_OPTIONS
 from protos.types import Placement, TransferPlan
 from worker_agent.adapter import EngineAdapter, GroupSpec, StepAborted
 from worker_agent.groups import build_gloo_group, drop_in_background, release_in_background
@@ -747,9 +748,13 @@ class WorkerAgent:
                 progress.cancel()
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        # A Resync carries the whole placement: a large cluster's is over
+        # gRPC's default 4 MiB (protos/limits.py sizes the limit).
         if self._credentials is not None:
-            return grpc.aio.secure_channel(endpoint, self._credentials)
-        return grpc.aio.insecure_channel(endpoint)
+            return grpc.aio.secure_channel(
+                endpoint, self._credentials, options=MESSAGE_SIZE_OPTIONS
+            )
+        return grpc.aio.insecure_channel(endpoint, options=MESSAGE_SIZE_OPTIONS)
 
     async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
         assert self._outbox is not None

@@ -22,19 +22,24 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/ep_recovery/v1/common.proto\x12\x0e\x65p_recovery.v1\"d\n\tPlacement\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0eslots_per_rank\x18\x02 \x01(\r\x12.\n\x06layers\x18\x03 \x03(\x0b\x32\x1e.ep_recovery.v1.LayerPlacement\"%\n\x0eLayerPlacement\x12\x13\n\x0bslot_expert\x18\x01 \x03(\r*\xe6\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_FORMING\x10\x01\x12\x10\n\x0cPHASE_STEADY\x10\x02\x12\x11\n\rPHASE_HALTING\x10\x03\x12\x13\n\x0fPHASE_SHRINKING\x10\x04\x12\x12\n\x0ePHASE_DEGRADED\x10\x05\x12\x13\n\x0fPHASE_ADMITTING\x10\x06\x12\x11\n\rPHASE_PAUSING\x10\x07\x12\x14\n\x10PHASE_REBUILDING\x10\x08\x12\x13\n\x0fPHASE_RESYNCING\x10\t\x12\x12\n\x0ePHASE_RESUMING\x10\nb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/ep_recovery/v1/common.proto\x12\x0e\x65p_recovery.v1\x1a google/protobuf/descriptor.proto\"k\n\tPlacement\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0eslots_per_rank\x18\x02 \x01(\r\x12\x35\n\x06layers\x18\x03 \x03(\x0b\x32\x1e.ep_recovery.v1.LayerPlacementB\x05\x90\xb5\x18\x80\x08\"-\n\x0eLayerPlacement\x12\x1b\n\x0bslot_expert\x18\x01 \x03(\rB\x06\x90\xb5\x18\x80\x80\x04*\xe6\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_FORMING\x10\x01\x12\x10\n\x0cPHASE_STEADY\x10\x02\x12\x11\n\rPHASE_HALTING\x10\x03\x12\x13\n\x0fPHASE_SHRINKING\x10\x04\x12\x12\n\x0ePHASE_DEGRADED\x10\x05\x12\x13\n\x0fPHASE_ADMITTING\x10\x06\x12\x11\n\rPHASE_PAUSING\x10\x07\x12\x14\n\x10PHASE_REBUILDING\x10\x08\x12\x13\n\x0fPHASE_RESYNCING\x10\t\x12\x12\n\x0ePHASE_RESUMING\x10\n:2\n\tmax_chars\x12\x1d.google.protobuf.FieldOptions\x18\xd1\x86\x03 \x01(\r:2\n\tmax_items\x12\x1d.google.protobuf.FieldOptions\x18\xd2\x86\x03 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.ep_recovery.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=196
-  _globals['_PHASE']._serialized_end=426
-  _globals['_PLACEMENT']._serialized_start=54
-  _globals['_PLACEMENT']._serialized_end=154
-  _globals['_LAYERPLACEMENT']._serialized_start=156
-  _globals['_LAYERPLACEMENT']._serialized_end=193
+  _globals['_PLACEMENT'].fields_by_name['layers']._loaded_options = None
+  _globals['_PLACEMENT'].fields_by_name['layers']._serialized_options = b'\220\265\030\200\010'
+  _globals['_LAYERPLACEMENT'].fields_by_name['slot_expert']._loaded_options = None
+  _globals['_LAYERPLACEMENT'].fields_by_name['slot_expert']._serialized_options = b'\220\265\030\200\200\004'
+  _globals['_PHASE']._serialized_start=245
+  _globals['_PHASE']._serialized_end=475
+  _globals['_PLACEMENT']._serialized_start=88
+  _globals['_PLACEMENT']._serialized_end=195
+  _globals['_LAYERPLACEMENT']._serialized_start=197
+  _globals['_LAYERPLACEMENT']._serialized_end=242
 # @@protoc_insertion_point(module_scope)

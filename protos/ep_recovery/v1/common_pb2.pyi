@@ -1,3 +1,4 @@
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -31,6 +32,10 @@ PHASE_PAUSING: Phase
 PHASE_REBUILDING: Phase
 PHASE_RESYNCING: Phase
 PHASE_RESUMING: Phase
+MAX_CHARS_FIELD_NUMBER: _ClassVar[int]
+max_chars: _descriptor.FieldDescriptor
+MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
+max_items: _descriptor.FieldDescriptor
 
 class Placement(_message.Message):
     __slots__ = ("version", "slots_per_rank", "layers")

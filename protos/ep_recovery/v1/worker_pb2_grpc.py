@@ -48,7 +48,10 @@ class WorkerServiceServicer:
         """The first WorkerMessage must be a hello. The coordinator answers with a
         welcome, then streams commands; the rank acknowledges each command with
         its epoch, operation id and command id. A refused hello ends the stream
-        with INVALID_ARGUMENT, FAILED_PRECONDITION or ALREADY_EXISTS.
+        with INVALID_ARGUMENT, FAILED_PRECONDITION or ALREADY_EXISTS. Any message
+        that does not parse, or has a field over its limit (max_chars, max_items),
+        ends the stream with INVALID_ARGUMENT; one over 16 MiB with
+        RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
