@@ -44,6 +44,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -242,11 +243,13 @@ class SimRank:
     async def start(self) -> None:
         """Lease and key, then the session; returns once welcomed."""
         host = self.host
+        proof = secrets.token_hex(32)
         value = {
             "rank": self.rank,
             "incarnation": self.incarnation,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "proof_sha256": etcd_keys.proof_digest(proof),
         }
         self.lease_id = await host.keeper.grant(etcd_keys.rank_key(host.cluster, self.rank), value)
         self._channel = grpc.aio.insecure_channel(host.coordinator)
@@ -260,6 +263,7 @@ class SimRank:
             rejoin=self.rejoin,
             incarnation=self.incarnation,
             placement=host.placement,
+            proof=proof,
         )
         await self._call.write(worker_pb2.WorkerMessage(hello=hello))
         first = await self._call.read()

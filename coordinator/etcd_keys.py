@@ -5,13 +5,16 @@
     /ep-recovery/{cluster}/leader             the active coordinator (election)
 
 Rank numbers are zero-padded so a prefix read returns ranks in numeric order.
-A rank key's value is JSON: rank, incarnation, lease_id, pid, host.
+A rank key's value is JSON: rank, incarnation, lease_id, pid, host, and
+proof_sha256 (the SHA-256 of the secret the rank's hello carries).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 from typing import Any
 
@@ -39,6 +42,17 @@ CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
 }
+
+
+def proof_digest(proof: str) -> str:
+    """What a rank key holds of its process's proof: its SHA-256 (hex). A
+    reader of etcd learns nothing that would let it present the proof."""
+    return hashlib.sha256(proof.encode()).hexdigest()
+
+
+def proof_matches(proof: str, digest: str) -> bool:
+    """Whether a hello's `proof` is the one whose digest the rank key holds."""
+    return bool(proof) and bool(digest) and hmac.compare_digest(proof_digest(proof), digest)
 
 
 def validate_cluster(cluster: str) -> str:

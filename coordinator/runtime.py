@@ -208,11 +208,15 @@ class Coordinator:
             await self._etcd.close()
         self._store = None
 
-    async def key_lease(self, rank: int) -> int:
-        """The lease that holds `rank`'s key in etcd (0: no key), read now."""
+    async def rank_key(self, rank: int) -> tuple[int, str]:
+        """`rank`'s key in etcd, read now: the lease that holds it (0: no key)
+        and the digest of its process's proof ("" when none)."""
         assert self._etcd is not None
         got = await self._etcd.get(etcd_keys.rank_key(self.config.cluster, rank))
-        return int(got.lease) if got is not None else 0
+        if got is None:
+            return 0, ""
+        value = etcd_keys.decode_rank_value(bytes(got.value)) or {}
+        return int(got.lease), str(value.get("proof_sha256", ""))
 
     # --- events in ------------------------------------------------------------
 

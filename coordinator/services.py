@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator import etcd_keys
 from coordinator import state_machine as sm
 from coordinator.history import OperationRecord
 from coordinator.logs import fields
@@ -155,7 +156,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             return
         hello = first.hello
         try:
-            key_lease = await self._key_lease(hello)
+            key_lease, key_proof = await self._rank_key(hello)
         except (TimeoutError, aetcd.ClientError) as exc:
             # Retried by the agent (UNAVAILABLE is not a refusal).
             self.coordinator.metrics.observe_refused(grpc.StatusCode.UNAVAILABLE.name)
@@ -180,6 +181,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 rejoin=hello.rejoin,
                 placement=placement,
                 key_lease=key_lease,
+                proven=etcd_keys.proof_matches(hello.proof, key_proof),
             )
         )
         reader = asyncio.create_task(self._read(context, hello.rank, session, channel))
@@ -207,8 +209,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
 
     async def _lease_renewed(self, rank: int, session: str, lease_id: int) -> None:
         try:
-            key_lease = await asyncio.wait_for(
-                self.coordinator.key_lease(rank), LEASE_READ_TIMEOUT_S
+            key_lease, _ = await asyncio.wait_for(
+                self.coordinator.rank_key(rank), LEASE_READ_TIMEOUT_S
             )
         except (TimeoutError, aetcd.ClientError) as exc:
             # The rank's lease-lost window runs on; it may say so again.
@@ -216,14 +218,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             return
         self.coordinator.submit(sm.LeaseRenewed(rank, session, lease_id, key_lease))
 
-    async def _key_lease(self, hello: worker_pb2.Hello) -> int:
-        """The lease that holds the hello's rank key in etcd now (0: no key);
-        the state machine accepts the hello only when it is the hello's own.
+    async def _rank_key(self, hello: worker_pb2.Hello) -> tuple[int, str]:
+        """The lease that holds the hello's rank key in etcd now (0: no key)
+        and the digest of the proof its process drew: the state machine accepts
+        the hello only when the lease is the hello's own and its proof matches.
         A hello the machine refuses for its cluster or rank is not looked up."""
         config = self.coordinator.config
         if hello.cluster != config.cluster or not 0 <= hello.rank < config.world_size:
-            return 0
-        return await asyncio.wait_for(self.coordinator.key_lease(hello.rank), LEASE_READ_TIMEOUT_S)
+            return 0, ""
+        return await asyncio.wait_for(self.coordinator.rank_key(hello.rank), LEASE_READ_TIMEOUT_S)
 
     def _to_proto(self, action: sm.Action, session: str) -> worker_pb2.CoordinatorMessage:
         match action:
@@ -603,7 +606,6 @@ def status_to_proto(coordinator: Coordinator) -> admin_pb2.ClusterStatus:
                 int((now - view.last_seen) * 1000) if view.session is not None else -1
             )
             rs.incarnation = view.incarnation
-            rs.lease_id = view.lease_id
             rs.ready = view.ready and rank in machine.joiners
         else:
             rs.last_heartbeat_ms_ago = -1

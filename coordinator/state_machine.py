@@ -166,6 +166,7 @@ class Code(StrEnum):
     ALREADY_EXISTS = "ALREADY_EXISTS"
     NOT_FOUND = "NOT_FOUND"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
 
 
 class Role(StrEnum):
@@ -196,6 +197,10 @@ class RankRegistered:
     # hello's own `lease_id`: a session speaks for the process whose lease
     # says the rank is alive, never for another rank's.
     key_lease: int = 0
+    # The hello's proof matches the digest its rank key holds (the service
+    # checked): only the process that put the key knows the proof. Values
+    # shown by GetStatus or read from etcd are not enough to pose as a rank.
+    proven: bool = False
 
 
 @dataclass(frozen=True)
@@ -809,9 +814,9 @@ class RecoveryStateMachine:
         self._now = now
         if isinstance(event, ProgressReported):
             # The hot path (most events at scale): a report emits nothing and
-            # changes nothing persisted.
-            self._on_progress(event)
-            return []
+            # changes nothing persisted, unless its session no longer speaks
+            # for the rank.
+            return self._on_progress(event)
         self._out = []
         match event:
             case RankRegistered():
@@ -1037,15 +1042,22 @@ class RecoveryStateMachine:
             return self._refuse_hello(
                 ev,
                 Code.PERMISSION_DENIED,
-                f"lease {ev.lease_id:x} does not hold rank {ev.rank}'s key (lease "
-                f"{ev.key_lease:x} does): a session speaks only for its own rank's lease",
+                f"this session's lease does not hold rank {ev.rank}'s key: a session "
+                "speaks only for its own rank's lease",
+            )
+        if not ev.proven:
+            return self._refuse_hello(
+                ev,
+                Code.UNAUTHENTICATED,
+                f"the hello for rank {ev.rank} does not carry the proof its rank key names: "
+                "only the process that holds the rank's lease can speak for it",
             )
         if view and not view.failed and view.incarnation == ev.incarnation:
             if ev.lease_id in view.dead_leases:
                 return self._refuse_hello(
                     ev,
                     Code.FAILED_PRECONDITION,
-                    f"lease {ev.lease_id:x} of rank {ev.rank} has expired",
+                    f"the lease of rank {ev.rank}'s hello has expired",
                 )
             # The same process reconnecting (its session broke): adopt the new one.
             return self._reattach(ev, view)
@@ -1191,7 +1203,7 @@ class RecoveryStateMachine:
                     ev.rank,
                     ev.session,
                     Code.PERMISSION_DENIED,
-                    f"lease {ev.lease_id:x} does not hold rank {ev.rank}'s key",
+                    f"the renewed lease does not hold rank {ev.rank}'s key",
                 )
             )
             return
@@ -1225,10 +1237,26 @@ class RecoveryStateMachine:
                     "of the take-over",
                 )
 
-    def _on_progress(self, ev: ProgressReported) -> None:
+    def _on_progress(self, ev: ProgressReported) -> list[Action]:
         view = self._current(ev.rank, ev.session)
-        if view is not None:
+        if view is not None and not view.failed:
             view.progress = next_sample(view.progress, ev.iteration, self._now, ev.rank_clock)
+            return []
+        # A process that still reports on a session the cluster no longer
+        # counts (its rank was failed while it lived, or another process took
+        # the rank): it is told, so that it stops serving instead of holding
+        # on to groups nobody uses. A session the rank itself left (a
+        # reconnect) is already closed and hears nothing.
+        why = "it was removed from the cluster" if view is not None else "it was replaced"
+        return [
+            Refuse(
+                ev.rank,
+                ev.session,
+                Code.FAILED_PRECONDITION,
+                f"this session no longer speaks for rank {ev.rank}: {why}; stop serving",
+                end_session=True,
+            )
+        ]
 
     def _on_step_failed(self, ev: StepFailed) -> None:
         if self._current(ev.rank, ev.session) is None or ev.epoch != self.epoch:

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from coordinator.logs import configure_logging, fields
@@ -23,6 +24,7 @@ from reference_engine.model import CheckpointExperts, derive_weights, load_check
 from reference_engine.placement import build_placement
 from worker_agent.adapter import StepAborted
 from worker_agent.agent import (
+    EVERY_EPOCH,
     AgentConfig,
     AgentDrained,
     AgentStopped,
@@ -102,8 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # What a stop signal must also do once the agent and engine exist (below).
+    on_stop: list[Callable[[], None]] = []
+
+    def stop_on_signal(*_: object) -> None:
+        stop.set()
+        for action in on_stop:
+            action()
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)
 
     device = resolve_device(args.device, args.rank)
     if args.checkpoint is not None:
@@ -157,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
         adapter,
     )
+    # A stop ends the rank within seconds in any state: a step blocked on a
+    # dead peer is aborted, and a rank held inside the agent (paused, failed,
+    # waiting to be admitted) is woken, so the loop below sees the stop.
+    on_stop.append(lambda: engine.abort_signal.abort(EVERY_EPOCH))
+    on_stop.append(agent.stop)
     try:
         agent.start()
     except RegistrationRefused as exc:
@@ -186,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("drained, exiting", extra=fields(rank=args.rank, reason=str(exc)))
         return 0
     except AgentStopped as exc:
+        if stop.is_set():
+            log.info("stopped on a signal", extra=fields(rank=args.rank))
+            return 0
         log.error("stopped serving", extra=fields(rank=args.rank, reason=str(exc)))
         return 4
     finally:

@@ -469,15 +469,25 @@ def thread_cluster(
         coord.stop()
 
 
+# The proof of the sessions tests open by hand on a held_lease.
+HELD_PROOF = "proof-of-a-test-session"
+
+
 @contextlib.contextmanager
 def held_lease(etcd: str, cluster: str, rank: int) -> Iterator[int]:
     """A rank's key on a kept-alive lease, as an agent holds it, for sessions a
     test drives by hand (the coordinator accepts a hello only from the holder
-    of its rank's lease); yields the lease id."""
+    of its rank's lease, with the proof its key names: HELD_PROOF); yields the
+    lease id."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name=f"lease{rank}", daemon=True)
     thread.start()
-    lease = RankLease(*etcd_keys.split_endpoint(etcd), cluster, rank)
+    lease = RankLease(
+        *etcd_keys.split_endpoint(etcd),
+        cluster,
+        rank,
+        value={"proof_sha256": etcd_keys.proof_digest(HELD_PROOF)},
+    )
     try:
         asyncio.run_coroutine_threadsafe(lease.start(), loop).result(15)
         yield lease.lease_id

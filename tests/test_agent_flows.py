@@ -19,6 +19,7 @@ import pytest
 
 from protos.ep_recovery.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
 from tests.agent_harness import (
+    HELD_PROOF,
     LAYERS,
     SLOTS_PER_RANK,
     CoordinatorProcess,
@@ -187,6 +188,7 @@ def _hello(cluster: str, rank: int, **kw: object) -> worker_pb2.Hello:
         fingerprint=str(kw.pop("fingerprint", "test-engine-v1")),
         incarnation=uuid.uuid4().hex,
         placement=ring_placement(WORLD).to_proto(),
+        proof=HELD_PROOF,
         **kw,  # type: ignore[arg-type]
     )
 

@@ -424,6 +424,41 @@ def _open_session(endpoint: str, hello: worker_pb2.Hello) -> grpc.RpcError | obj
             stream.cancel()
 
 
+def test_a_hello_forged_from_status_and_etcd_cannot_take_a_ranks_session(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    """Everything an attacker can read (GetStatus without a credential, and
+    even rank 1's key in etcd: its lease and incarnation) copied into rank 1's
+    reconnect: without the proof only rank 1's process holds, it is refused
+    (UNAUTHENTICATED), and rank 1 keeps its session and serves on."""
+    with thread_cluster(tmp_path, etcd, cluster_name, WORLD) as (coord, ranks):
+        victim = ranks[1]
+        before = coord.status()
+        [seen] = [r for r in before.ranks if r.rank == 1]
+        assert seen.incarnation == victim.agent.incarnation  # public, proves nothing
+        assert "lease_id" not in admin_pb2.RankStatus.DESCRIPTOR.fields_by_name
+        lease_1 = _lease_of(etcd, cluster_name, 1)
+        forged = worker_pb2.Hello(
+            cluster=cluster_name,
+            rank=1,
+            fingerprint=victim.adapter.fingerprint(),
+            lease_id=lease_1,
+            incarnation=seen.incarnation,
+            placement=ring_placement(WORLD).to_proto(),
+        )
+        for proof in ("", "0" * 64, victim.agent._lease.value["proof_sha256"]):  # type: ignore[union-attr]
+            forged.proof = proof  # none, a guess, the digest etcd holds
+            refused = _open_session(coord.endpoint, forged)
+            assert isinstance(refused, grpc.RpcError), refused
+            assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, refused.details()
+        iteration = victim.adapter.iteration
+        wait_until(lambda: victim.adapter.iteration > iteration + 20, 10, "rank 1 to go on")
+        after = coord.status()
+        assert (after.epoch, list(after.members)) == (before.epoch, list(before.members))
+        assert [r.state for r in after.ranks] == [admin_pb2.RANK_STATE_SERVING] * WORLD
+        assert not after.failures and victim.agent._fatal is None
+
+
 def test_a_session_claiming_another_ranks_lease_is_refused(
     tmp_path: Path, etcd: str, cluster_name: str
 ) -> None:
@@ -445,7 +480,8 @@ def test_a_session_claiming_another_ranks_lease_is_refused(
         refused = _open_session(coord.endpoint, hijack)
         assert isinstance(refused, grpc.RpcError), refused
         assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert f"does not hold rank 1's key (lease {lease_1:x} does)" in (refused.details() or "")
+        assert "does not hold rank 1's key" in (refused.details() or "")
+        assert f"{lease_1:x}" not in (refused.details() or "")  # no lease id given away
         # A made-up lease id: refused the same way.
         hijack.lease_id = 0x7E57
         refused = _open_session(coord.endpoint, hijack)

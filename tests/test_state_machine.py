@@ -201,6 +201,7 @@ class Driver:
         placement: Placement | None = None,
         incarnation: str | None = None,
         key_lease: int | None = None,
+        proven: bool = True,
     ) -> list[Action]:
         """`key_lease`: the lease etcd says holds the rank's key (default: the
         hello's own, as for a real agent)."""
@@ -221,6 +222,7 @@ class Driver:
                 rejoin,
                 placement,
                 lease if key_lease is None else key_lease,
+                proven,
             )
         )
         if of_type(actions, Accept):
@@ -455,6 +457,29 @@ def test_a_rank_that_binds_a_new_lease_in_time_stays_a_member() -> None:
     out = d.handle(LeaseRenewed(2, d.sessions[2], 999, 998))
     assert [r.code for r in of_type(out, Refuse)] == [Code.PERMISSION_DENIED]
     assert d.machine.rank_state(2) == "suspect"
+
+
+def test_a_report_on_a_session_that_no_longer_counts_is_told_to_stop() -> None:
+    """A process whose rank was failed while it lived keeps reporting on its
+    session (the ending refusal was lost): each report is answered with a
+    refusal that ends the session, so the process stops instead of holding
+    on. A report on a session nobody knows gets the same answer."""
+    d = Driver(3)
+    d.form()
+    d.handle(LeaseExpired(1, d.leases[1]))
+    d.now += DEFAULT_LEASE_REBIND_S + 1
+    d.handle(Tick())
+    assert d.machine.rank_state(1) == "failed"
+    before = d.machine.record()
+    out = d.handle(ProgressReported(1, d.sessions[1], 99, d.now))
+    assert [(r.rank, r.session, r.end_session) for r in of_type(out, Refuse)] == [
+        (1, d.sessions[1], True)
+    ]
+    assert "removed from the cluster" in out[0].message  # type: ignore[union-attr]
+    assert d.machine.record() == before
+    [refusal] = d.handle(ProgressReported(2, "s-unknown", 5, d.now))
+    assert isinstance(refusal, Refuse) and "replaced" in refusal.message
+    assert d.handle(ProgressReported(0, d.sessions[0], 5, d.now)) == []  # a live one: quiet
 
 
 def test_a_lease_lost_and_then_a_closed_session_is_a_death_at_once() -> None:
@@ -1496,10 +1521,19 @@ def test_a_hello_must_come_from_the_holder_of_its_ranks_lease() -> None:
         d, d.register(1, rejoin=True, key_lease=d.leases[0]), Code.PERMISSION_DENIED,
         end_session=True, before=before,
     )  # fmt: skip
-    assert f"does not hold rank 1's key (lease {d.leases[0]:x} does)" in refusal.message
+    assert "does not hold rank 1's key" in refusal.message
+    assert f"{d.leases[0]:x}" not in refusal.message  # no lease id helps a forger
+    # The right lease but not the proof its key names (values read from
+    # GetStatus or etcd): refused, and the live member keeps its session.
+    session = d.sessions[2]
+    refusal = assert_refused(
+        d, d.register(2, incarnation=d.incarnations[2], key_lease=None, proven=False),
+        Code.UNAUTHENTICATED, end_session=True, before=before,
+    )  # fmt: skip
+    assert "does not carry the proof" in refusal.message
+    assert d.machine.ranks[2].session == session
     # A live member's own process reconnecting with a lease that is not the
     # key's: refused as well, and the member keeps its session.
-    session = d.sessions[2]
     assert_refused(
         d, d.register(2, incarnation=d.incarnations[2], key_lease=d.leases[0]),
         Code.PERMISSION_DENIED, end_session=True, before=before,
@@ -1542,7 +1576,7 @@ def test_refuses_a_founder_with_another_placement() -> None:
     )
     assert_refused(
         d,
-        d.handle(RankRegistered(2, "x", CLUSTER, "i", 9, FP, False, None, key_lease=9)),
+        d.handle(RankRegistered(2, "x", CLUSTER, "i", 9, FP, False, None, 9, proven=True)),
         Code.INVALID_ARGUMENT,
         end_session=True,
         before=before,
@@ -1997,7 +2031,16 @@ class ClusterSim(RuleBasedStateMachine):
         # formation may be founded by relaunched processes.
         placement = self.placement
         hello = RankRegistered(
-            rank, session, CLUSTER, incarnation, proc.lease_id, FP, rejoin, placement, proc.lease_id
+            rank,
+            session,
+            CLUSTER,
+            incarnation,
+            proc.lease_id,
+            FP,
+            rejoin,
+            placement,
+            proc.lease_id,
+            proven=True,
         )
         self.up[session] = deque([hello])
         self.down[session] = deque()
@@ -2263,7 +2306,9 @@ class ClusterSim(RuleBasedStateMachine):
             others = [a for a in actions if not (isinstance(a, Persist) and a.record == before)]
             assert others == refusals[:1], actions
             assert after == before
-            assert refusals[0].end_session == isinstance(event, RankRegistered)
+            # A refused hello ends its session, and so does a report on a
+            # session that no longer speaks for its rank (it must stop).
+            assert refusals[0].end_session == isinstance(event, RankRegistered | ProgressReported)
 
         # (1) a refused admin call changes nothing and sends nothing.
         if isinstance(event, AdminRequested):
@@ -2540,6 +2585,7 @@ class ClusterSim(RuleBasedStateMachine):
             p.rejoin,
             placement,
             p.lease_id,
+            proven=True,
         )
         self.up[p.session] = deque([hello, *carried])
         self.down[p.session] = deque()

@@ -34,6 +34,7 @@ from coordinator.config import CoordinatorConfig
 from protos.ep_recovery.v1 import admin_pb2, common_pb2, worker_pb2, worker_pb2_grpc
 from protos.limits import MAX_MESSAGE_BYTES, field_limits
 from tests.agent_harness import (
+    HELD_PROOF,
     CoordinatorProcess,
     held_lease,
     ring_placement,
@@ -66,7 +67,7 @@ def cluster_state(coord: CoordinatorProcess) -> tuple[object, ...]:
         tuple(s.members),
         tuple(s.pending_members),
         s.operation.op_id,
-        tuple((r.rank, r.state, r.incarnation, r.lease_id, r.ready) for r in s.ranks),
+        tuple((r.rank, r.state, r.incarnation, r.ready) for r in s.ranks),
         tuple(o.op_id for o in s.operations),
     )
 
@@ -159,6 +160,7 @@ def hello(cluster: str, rank: int, **kw: Any) -> worker_pb2.WorkerMessage:
         "incarnation": uuid.uuid4().hex,
         "lease_id": 0x7E57,
         "placement": ring_placement(WORLD).to_proto(),
+        "proof": HELD_PROOF,
     }
     fields.update(kw)
     return worker_pb2.WorkerMessage(hello=worker_pb2.Hello(**fields))

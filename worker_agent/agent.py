@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -131,6 +132,9 @@ class WorkerAgent:
         self.config = config
         self.adapter = adapter
         self.incarnation = uuid.uuid4().hex
+        # This process's proof (see Hello.proof): its key in etcd holds only
+        # the digest; nothing outside this process ever sees the secret.
+        self._proof = secrets.token_hex(32)
         self.epoch = 0
         self.stall_ms: list[float] = []
         # Written by the engine at every boundary, read by the agent thread.
@@ -513,6 +517,7 @@ class WorkerAgent:
                 "incarnation": self.incarnation,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
+                "proof_sha256": etcd_keys.proof_digest(self._proof),
             },
             on_lost=self._on_lease_lost,
             on_renewed=self._on_lease_renewed,
@@ -559,9 +564,13 @@ class WorkerAgent:
                             self._start_error = refused
                             self._welcomed.set()
                         else:
-                            # The coordinator has replaced or removed this rank.
-                            log.error("reconnect refused", extra=fields(rank=self.config.rank))
-                            self._die(f"coordinator refused the reconnect: {refused}")
+                            # The coordinator removed this rank (or another
+                            # process took it): it must stop serving.
+                            log.error(
+                                "removed by the coordinator; stopping",
+                                extra=fields(rank=self.config.rank, reason=str(refused)[:300]),
+                            )
+                            self._die(f"the coordinator ended this rank's session: {refused}")
                         break
                     log.log(
                         logging.WARNING if attempt == 0 else logging.DEBUG,
@@ -696,6 +705,7 @@ class WorkerAgent:
             rejoin=self.config.rejoin,
             incarnation=self.incarnation,
             placement=placement.to_proto(),
+            proof=self._proof,
         )
         async with self._channel(endpoint) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)

@@ -160,22 +160,20 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "state", "iteration", "last_heartbeat_ms_ago", "incarnation", "lease_id", "ready")
+    __slots__ = ("rank", "state", "iteration", "last_heartbeat_ms_ago", "incarnation", "ready")
     RANK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_MS_AGO_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
-    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     rank: int
     state: RankState
     iteration: int
     last_heartbeat_ms_ago: int
     incarnation: str
-    lease_id: int
     ready: bool
-    def __init__(self, rank: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., iteration: _Optional[int] = ..., last_heartbeat_ms_ago: _Optional[int] = ..., incarnation: _Optional[str] = ..., lease_id: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    def __init__(self, rank: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., iteration: _Optional[int] = ..., last_heartbeat_ms_ago: _Optional[int] = ..., incarnation: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class Operation(_message.Message):
     __slots__ = ("op_id", "kind", "phase", "target_epoch", "joining", "leaving", "hold_iteration")

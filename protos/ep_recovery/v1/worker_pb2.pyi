@@ -34,7 +34,7 @@ class WorkerMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., ready: _Optional[_Union[JoinerReady, _Mapping]] = ..., step_failed: _Optional[_Union[StepFailed, _Mapping]] = ..., lease_renewed: _Optional[_Union[LeaseRenewed, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("cluster", "rank", "fingerprint", "lease_id", "rejoin", "incarnation", "placement")
+    __slots__ = ("cluster", "rank", "fingerprint", "lease_id", "rejoin", "incarnation", "placement", "proof")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class Hello(_message.Message):
     REJOIN_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     rank: int
     fingerprint: str
@@ -49,7 +50,8 @@ class Hello(_message.Message):
     rejoin: bool
     incarnation: str
     placement: _common_pb2.Placement
-    def __init__(self, cluster: _Optional[str] = ..., rank: _Optional[int] = ..., fingerprint: _Optional[str] = ..., lease_id: _Optional[int] = ..., rejoin: _Optional[bool] = ..., incarnation: _Optional[str] = ..., placement: _Optional[_Union[_common_pb2.Placement, _Mapping]] = ...) -> None: ...
+    proof: str
+    def __init__(self, cluster: _Optional[str] = ..., rank: _Optional[int] = ..., fingerprint: _Optional[str] = ..., lease_id: _Optional[int] = ..., rejoin: _Optional[bool] = ..., incarnation: _Optional[str] = ..., placement: _Optional[_Union[_common_pb2.Placement, _Mapping]] = ..., proof: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("iteration", "rank_clock_ms")
