@@ -11,7 +11,7 @@ every coordinator) that died, until all ranks are admitted again.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -94,14 +94,13 @@ def run_demo(opts: DemoOptions, out: TextIO) -> dict[str, Any]:
         leader_ttl_s=2,
         # With the leader as a target, a standby runs beside it from the start.
         standby="coordinator" in targets,
-        fault_hold_s=opts.fault_hold_s,
         workdir=opts.workdir,
         deadline_s=opts.deadline_s,
     )
     with local_cluster(spec, show) as cluster:
         requests = make_requests(opts.seed, opts.requests)
         expected = reference_outputs(cluster.weights, cluster.cfg, requests)
-        cluster.injector.arm(opts.faults)
+        cluster.injector.arm([replace(f, hold_s=opts.fault_hold_s) for f in opts.faults])
         router, watcher = cluster.router, cluster.watcher
         # Requests arrive over the run: a third now, the rest around the failures.
         batches = _split(requests, 1 + 2 * max(1, len(opts.kills)))

@@ -23,6 +23,10 @@ class Fault:
     phase: str  # one of PHASES
     rank: int | None = None  # for target "rank"
     stop: bool = False  # SIGSTOP instead of SIGKILL
+    # How long a stopped process stays stopped, or a killed etcd down (None: a
+    # stopped rank is thawed once the cluster failed it, a stopped leader once
+    # a standby leads; etcd is started again at once).
+    hold_s: float | None = None
 
     @property
     def who(self) -> str:

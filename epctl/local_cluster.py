@@ -216,6 +216,7 @@ class StatusWatcher:
 
 
 def _restart_etcd(etcd: LocalEtcd, down_s: float) -> None:
+    """SIGKILL etcd, keep it down `down_s`, start it again on its data."""
     etcd.kill()  # SIGKILL: the data dir stays
     time.sleep(down_s)
     etcd.start()  # same ports, same data: keys and leases come back
@@ -241,16 +242,13 @@ class FaultInjector:
         leader_name: Callable[[], str | None],
         show: Callable[[str], None],
         t0_unix_ms: float,
-        hold_s: float | None = None,
     ) -> None:
         self.pending: list[Fault] = []
         self.fired: list[FiredFault] = []
-        # SIGSTOPped process names, to resume later, with when they were stopped.
-        self.stopped: dict[str, float] = {}
-        # How long a stopped process stays stopped, and a killed etcd down;
-        # None: a stopped one is thawed once the cluster moved on without it,
-        # and etcd is restarted at once.
-        self.hold_s = hold_s
+        # SIGSTOPped process names, to resume later: when they were stopped,
+        # and for how long (the fault's hold_s).
+        self.stopped: dict[str, tuple[float, float | None]] = {}
+        self.etcd_restarts: list[threading.Thread] = []  # etcd faults in progress
         self._procs = procs
         self._etcd = etcd
         self._leader_name = leader_name
@@ -263,6 +261,10 @@ class FaultInjector:
         with self._lock:
             self.pending.extend(faults)
             self._armed = True
+
+    def etcd_back(self) -> bool:
+        """Whether every etcd fault fired so far has started etcd again."""
+        return not any(t.is_alive() for t in self.etcd_restarts)
 
     def disarm(self) -> list[Fault]:
         """Stop waiting for the pending faults; returns those never fired."""
@@ -318,12 +320,14 @@ class FaultInjector:
         if fault.target == "etcd":
             assert self._etcd is not None
             # Restarted on its data dir from a thread: the watcher goes on meanwhile.
-            threading.Thread(
-                target=_restart_etcd, args=(self._etcd, self.hold_s or 0.0), daemon=True
-            ).start()
+            restart = threading.Thread(
+                target=_restart_etcd, args=(self._etcd, fault.hold_s or 0.0), daemon=True
+            )
+            restart.start()
+            self.etcd_restarts.append(restart)
         elif fault.stop:
             self._procs.signal(names, signal.SIGSTOP)
-            self.stopped.update(dict.fromkeys(names, time.monotonic()))
+            self.stopped.update(dict.fromkeys(names, (time.monotonic(), fault.hold_s)))
         else:
             self._procs.kill_together(names)  # reaped: none looks alive after this
         what = ", ".join(names) or ("etcd" if fault.target == "etcd" else "nothing")
@@ -331,7 +335,7 @@ class FaultInjector:
             f"[{(now - self._t0) / 1000:7.3f}s] fault {fault}: "
             f"{'SIGSTOP' if fault.stop else 'SIGKILL'} {what}"
             + ("" if fault.target != "etcd" else " (restarted on its data dir)")
-            + (f", held {self.hold_s:g} s" if self.hold_s is not None else "")
+            + (f", held {fault.hold_s:g} s" if fault.hold_s is not None else "")
         )
         return fired
 
@@ -345,7 +349,6 @@ class ClusterSpec:
     lease_ttl_s: int = 1
     leader_ttl_s: int = 2
     standby: bool = False  # run a standby coordinator beside the leader
-    fault_hold_s: float | None = None  # see FaultInjector.hold_s
     workdir: Path | None = None  # logs and files; None: a temporary dir
     deadline_s: float = 180.0  # for the cluster to converge after a fault
 
@@ -376,9 +379,7 @@ class LocalCluster:
         save_checkpoint(self.checkpoint, self.cfg, self.weights)
         self.coordinators = ["coordinator", *(["standby"] if spec.standby else [])]
         self.router = RequestRouter()
-        self.injector = FaultInjector(
-            procs, etcd, self.leader_name, trace, t0_unix_ms, spec.fault_hold_s
-        )
+        self.injector = FaultInjector(procs, etcd, self.leader_name, trace, t0_unix_ms)
         self.watcher = StatusWatcher(
             self.leader_endpoint, trace, t0_unix_ms, self.injector.on_phase
         )
@@ -422,7 +423,18 @@ class LocalCluster:
         )  # fmt: skip
 
     def leader_name(self) -> str | None:
-        return next((n for n in self.coordinators if self.role_of(n).get("role") == "leader"), None)
+        """The coordinator that most recently said it leads: a frozen leader's
+        ready file still says "leader" after a standby took over."""
+        leaders = [n for n in self.coordinators if self.role_of(n).get("role") == "leader"]
+        if not leaders:
+            return None
+
+        def since(name: str) -> float:
+            with contextlib.suppress(OSError):
+                return self._ready_file(name).stat().st_mtime_ns
+            return 0.0
+
+        return max(leaders, key=since)
 
     def leader_endpoint(self) -> str | None:
         name = self.leader_name()
@@ -476,9 +488,9 @@ class LocalCluster:
     def supervise(self) -> None:
         """One pass of what node supervisors and systemd would do."""
         injector = self.injector
-        for name, since in list(injector.stopped.items()):
-            if injector.hold_s is not None:
-                thaw = time.monotonic() - since >= injector.hold_s
+        for name, (since, hold_s) in list(injector.stopped.items()):
+            if hold_s is not None:
+                thaw = time.monotonic() - since >= hold_s
             elif name.startswith("rank"):
                 thaw = self.rank_state(int(name[4:])) in GONE  # it finds itself removed
             else:
@@ -654,6 +666,10 @@ def fault_report(fired: FiredFault, watcher: StatusWatcher) -> dict[str, Any]:
     op = hit[0] if hit and hit[0].end_unix_ms else None
     if fired.fault.target == "coordinator":
         resolution: str | None = "failed_over"
+    elif fired.fault.target == "etcd" and not fired.op_id:
+        # Between operations there is nothing to roll back or complete: the
+        # ranks served through it (whatever ran next is another fault's).
+        resolution, op = "ridden_out", None
     else:
         resolution = op.outcome if op is not None else None
     return {

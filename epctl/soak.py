@@ -25,11 +25,11 @@ from epctl.local_cluster import (
     ClusterSpec,
     LocalCluster,
     detected_failures,
-    expert_lost_with,
     fault_report,
     local_cluster,
     report_ok,
     requests_report,
+    unservable_loss,
     wait_for,
 )
 from protos.ep_recovery.v1 import admin_pb2
@@ -63,12 +63,27 @@ class CyclePlan:
     then: Fault | None  # armed for the admission that follows, if any
 
 
+# How long a cycle's control-plane fault lasts: an etcd outage, a frozen leader.
+# Both outlast the demo's leases (rank 1 s, leader 2 s) by far.
+HOLD_RANGE_S = (3.0, 12.0)
+
+
 def plan_cycle(rng: random.Random, ranks: int, ranks_per_node: int, seed: int) -> CyclePlan:
-    """One cycle's faults, drawn from `rng`: the first never loses an expert's
-    last replica, and neither does the second together with the first."""
-    kind = rng.choices(("kill", "stop", "leader"), weights=(6, 1, 2))[0]
+    """One cycle's faults, drawn from `rng`. The first: a rank SIGKILLed or
+    SIGSTOPped, the leader SIGKILLed or SIGSTOPped for several leases (the
+    standby takes over, the ranks follow it), or etcd down for several leases
+    (everyone serves on). After a rank fault, often a second one in the
+    admission that follows; with the first, it may take every replica of an
+    expert (the survivors reload it), never more than they can hold."""
+    kind = rng.choices(("kill", "stop", "leader", "freeze", "etcd"), weights=(6, 1, 2, 1, 1))[0]
     if kind == "leader":
         return CyclePlan(Fault("coordinator", "steady"), None)  # no admission follows
+    if kind == "freeze":
+        hold = round(rng.uniform(*HOLD_RANGE_S), 1)
+        return CyclePlan(Fault("coordinator", "steady", stop=True, hold_s=hold), None)
+    if kind == "etcd":
+        hold = round(rng.uniform(*HOLD_RANGE_S), 1)
+        return CyclePlan(Fault("etcd", "steady", hold_s=hold), None)
     victim = rng.randrange(ranks)
     first = Fault("rank", "steady", victim, stop=kind == "stop")
     if rng.random() < 0.5:
@@ -77,7 +92,7 @@ def plan_cycle(rng: random.Random, ranks: int, ranks_per_node: int, seed: int) -
     others = [
         r
         for r in range(ranks)
-        if r != victim and expert_lost_with(ranks, ranks_per_node, seed, {victim, r}) is None
+        if r != victim and unservable_loss(ranks, ranks_per_node, seed, {victim, r}) is None
     ]
     who = rng.choice(("joiner", "coordinator", *(("rank",) if others else ())))
     stop = who != "coordinator" and phase in STOP_PHASES and rng.random() < 0.5
@@ -185,6 +200,10 @@ def _run_cycle(
         failover_ms = round(time.time() * 1000.0 - fired.at_unix_ms, 1)
     if plan.first.target == "rank" and not plan.first.stop:
         failures += detected_failures(cluster, fired.ranks, before, fired.at_unix_ms)
+    if plan.first.target == "etcd":
+        # The cluster looks settled from before the outage until the leader
+        # steps down: the cycle lasts until etcd is back, at the least.
+        wait_for(cluster.injector.etcd_back, cluster.spec.deadline_s, "etcd to be back")
     cluster.settle("every rank to be admitted again")
     unfired += cluster.injector.disarm()
     if not cluster.router.wait_all_answered(cluster.spec.deadline_s):
@@ -204,6 +223,8 @@ def _completed_admissions(cluster: LocalCluster) -> list[admin_pb2.OperationSumm
 def _describe(plan: CyclePlan) -> str:
     what = "SIGSTOP" if plan.first.stop else "SIGKILL"
     text = f"{what} {plan.first.who}"
+    if plan.first.hold_s is not None:
+        text += f" for {plan.first.hold_s:g} s"
     return text + (f", then {plan.then}" if plan.then else "")
 
 
