@@ -56,12 +56,15 @@ class ClusterStore:
         *,
         expected_revision: int | None = None,
         extra_compares: Sequence[Any] = (),
+        extra_success: Sequence[Any] = (),
     ) -> int:
         """Write the record; return its new mod revision.
 
         expected_revision: the key's mod revision must equal it (0: the key must
         not exist). extra_compares: aetcd compares built from
         `client.transactions` (e.g. `mod(leader_key) == rev`), all ANDed.
+        extra_success: more puts and deletes carried out with the record's
+        put, in the same transaction (the operation history's summaries).
         Raises StaleWrite when any compare fails; nothing is written then.
         """
         txn = self.client.transactions
@@ -72,7 +75,7 @@ class ClusterStore:
         compares.extend(extra_compares)
         succeeded, responses = await self.client.transaction(
             compare=compares,
-            success=[txn.put(self.key, record)],
+            success=[txn.put(self.key, record), *extra_success],
             failure=[txn.get(self.key)],
         )
         if not succeeded:

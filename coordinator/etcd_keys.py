@@ -3,6 +3,7 @@
     /ep-recovery/{cluster}/ranks/{rank:05d}   one per live rank, on its lease
     /ep-recovery/{cluster}/state              the coordinator's cluster record
     /ep-recovery/{cluster}/leader             the active coordinator (election)
+    /ep-recovery/{cluster}/history/...        the operation history (history_store)
 
 Rank numbers are zero-padded so a prefix read returns ranks in numeric order.
 A rank key's value is JSON: rank, incarnation, lease_id, pid, host, and

@@ -9,6 +9,11 @@ fenced by the leader key; a write the fence refuses, or etcd unreachable for
 longer than the leader lease, deposes this coordinator: it stops dispatching,
 its Coordinator is torn down (sessions, gRPC server, store), and `serve` stands
 by again in the same process.
+
+The operation history (coordinator.history) lives in etcd too
+(coordinator.history_store): operation summaries go with the record write
+that starts or ends them, the rest is written by a background task that the
+dispatch loop never waits for, and a new leader loads it at its take-over.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aetcd
 import grpc
@@ -33,11 +38,13 @@ from coordinator import state_machine as sm
 from coordinator.cluster_store import ClusterStore, StaleWrite
 from coordinator.config import CoordinatorConfig, is_loopback, split_host_port
 from coordinator.election import Deposed, LeaderLease, campaign
-from coordinator.history import History
+from coordinator.history import History, OperationRecord
+from coordinator.history_store import EventSeq, HistoryStore, HistoryWriter
 from coordinator.logs import fields
 from coordinator.membership import LeaseWatcher
 from coordinator.metrics import CoordinatorMetrics, bound_port, start_metrics_server
 from coordinator.services import (
+    NUMBERING_UNAVAILABLE,
     SessionChannel,
     Watcher,
     add_services,
@@ -59,6 +66,8 @@ METRICS_LOCK_WAIT_S = 1.0
 # A record write that etcd did not take is retried this often until the leader
 # lease would have expired; then this coordinator steps down.
 PERSIST_RETRY_S = 0.1
+# How long a clean stop waits for the history's last write.
+HISTORY_FINAL_WRITE_S = 1.0
 # The sources of EtcdReachability.
 RECORD_WRITES = "cluster record writes"
 LEADER_REFRESHES = "leader lease refreshes"
@@ -118,6 +127,9 @@ class Coordinator:
             reconnect_window_s=config.reconnect_window_s or 2.0 * config.leader_ttl_s,
         )
         self.history = History()
+        # The WatchEvents numbering: the last seq given out, and the ceiling
+        # etcd holds (history_store.EventSeq).
+        self.seq = EventSeq()
         self.sessions: dict[str, SessionChannel] = {}
         self.store_port = 0
         self.listen_port = 0
@@ -128,6 +140,11 @@ class Coordinator:
         self._events: asyncio.Queue[sm.Event] = asyncio.Queue()
         self._etcd: aetcd.Client | None = None
         self._cluster_store: ClusterStore | None = None
+        self._history_store: HistoryStore | None = None
+        # The history writer's own etcd client: its larger writes never queue
+        # the record's writes behind them on one connection.
+        self._history_etcd: aetcd.Client | None = None
+        self._history_writer: HistoryWriter | None = None
         self._store: dist.TCPStore | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # Held from an event's handling until its actions are carried out, so a
@@ -139,7 +156,6 @@ class Coordinator:
         self.phase_hooks: list[Callable[[sm.PhaseEntered], None]] = []
         # WatchEvents streams; each gets every event after its snapshot.
         self.watchers: set[Watcher] = set()
-        self.event_seq = 0
         # Wall clock of a monotonic instant, for times other processes compare.
         self._wall_offset = time.time() - time.monotonic()
 
@@ -150,15 +166,25 @@ class Coordinator:
         self._etcd = etcd_keys.new_client(host, port, access=self.etcd_access)
         await self._etcd.connect()
         self._cluster_store = ClusterStore(self._etcd, self.config.cluster)
+        self._history_store = HistoryStore(self._etcd, self.config.cluster)
         # The rendezvous store lives here, never on a rank: a dead store host
         # fails silently on set(), and any rank may be the one that dies.
         self._store = host_store(self.config.store_host, self.config.store_port)
         self.store_port = self._store.port
         await self._take_over()
+        self._history_etcd = etcd_keys.new_client(host, port, access=self.etcd_access)
+        self._history_writer = HistoryWriter(
+            HistoryStore(self._history_etcd, self.config.cluster),
+            self.history,
+            self.seq,
+            self._fence,
+            self.step_down,
+        )
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self._watch_leases(), name="lease-watch"),
             asyncio.create_task(self._tick(), name="deadlines"),
+            asyncio.create_task(self._history_writer.run(), name="history"),
         ]
         log.info(
             "coordinator started",
@@ -174,6 +200,7 @@ class Coordinator:
         assert self._cluster_store is not None and self._etcd is not None
         raw, _ = await self._cluster_store.load()
         record = sm.ClusterRecord.from_json(raw) if raw is not None else None
+        await self._take_over_history()
         if record is None or not record.members:
             await self._apply(self.machine.start(time.monotonic()))
             return
@@ -195,17 +222,67 @@ class Coordinator:
             ),
         )
 
+    async def _take_over_history(self) -> None:
+        """Load the operation history a previous leader left in etcd, and
+        reserve the first block of event numbers above its ceiling (fenced,
+        before any event is numbered). Deposed when the fence fails."""
+        assert self._history_store is not None
+        loaded = await self._history_store.load()
+        self.history = loaded.history
+        self.seq = EventSeq(last=loaded.seq_ceiling, durable=loaded.seq_ceiling)
+        ceiling = self.seq.wanted()
+        try:
+            await self._history_store.reserve(
+                ceiling, self.seq.last, self.history.oldest_kept, self._fence()
+            )
+        except StaleWrite as exc:
+            raise Deposed(f"fenced history write refused: {exc}") from exc
+        self.seq.durable = ceiling
+        log.info(
+            "took over the operation history",
+            extra=fields(
+                operations=len(self.history.operations),
+                first_seq=self.seq.last + 1,
+                unreadable=loaded.unreadable,
+            ),
+        )
+
+    def _fence(self) -> list[object]:
+        return self.leader.fence() if self.leader is not None else []
+
+    async def operation_detail(self, record: OperationRecord) -> None:
+        """Read the phase and rank spans of an operation loaded from etcd
+        (a predecessor's) into it, if not yet read. TimeoutError or an aetcd
+        error when etcd does not answer."""
+        if record.detail_loaded or self._history_store is None:
+            return
+        await self._history_store.read_detail(record)
+        self.history.link_phases(record)
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        writer = self._history_writer
+        leading = not self.deposed.is_set() and not (
+            self.leader is not None and self.leader.lost.is_set()
+        )
+        if writer is not None and writer.pending and leading:
+            # A clean stop hands the successor everything (still fenced).
+            try:
+                await asyncio.wait_for(writer.flush(), HISTORY_FINAL_WRITE_S)
+            except Exception as exc:
+                log.warning("history's last write failed", extra=fields(error=repr(exc)))
         for channel in self.sessions.values():
             channel.outbox.put_nowait(None)
         self.end_watches()
         if self._etcd is not None:
             await self._etcd.close()
+        if self._history_etcd is not None:
+            with contextlib.suppress(Exception):
+                await self._history_etcd.close()
         self._store = None
 
     async def rank_key(self, rank: int) -> tuple[int, str]:
@@ -261,10 +338,23 @@ class Coordinator:
             log.error("stepping down", extra=fields(cluster=self.config.cluster, reason=reason))
 
     async def _apply(self, actions: list[sm.Action]) -> None:
-        """Persist the newest record among `actions` first, then carry them out."""
+        """Persist the newest record among `actions` first, then carry them out.
+
+        The summaries of the operations the actions start or end go into the
+        record's transaction (history_store: small, no extra round trip, and
+        the history never disagrees with the record). Spans, the timeline and
+        failures are left to the history writer, which the loop never waits for."""
         records = [a.record for a in actions if isinstance(a, sm.Persist)]
+        preview = self.history.preview(actions, self.unix_ms)
+        if preview.operations and not records:
+            # Starting or ending an operation always changes the record; should
+            # one not, its summary still goes with a record write.
+            records = [self.machine.record()]
         if records:
-            await self._persist(records[-1])
+            extra: list[object] = []
+            if self._history_store is not None and preview.operations:
+                extra = self._history_store.summary_ops(preview.operations, preview.oldest_kept)
+            await self._persist(records[-1], extra)
         for action in actions:
             self._carry_out(action)
 
@@ -285,10 +375,11 @@ class Coordinator:
         finally:
             await watcher.close()
 
-    async def _persist(self, record: sm.ClusterRecord) -> None:
-        """Write the record, fenced by the leader key. Deposed when the fence
-        fails or etcd takes no write for as long as the leader lease lasts:
-        by then a standby may lead, and nothing may be carried out here."""
+    async def _persist(self, record: sm.ClusterRecord, extra: Sequence[object] = ()) -> None:
+        """Write the record (and `extra`, more transaction operations), fenced
+        by the leader key. Deposed when the fence fails or etcd takes no write
+        for as long as the leader lease lasts: by then a standby may lead, and
+        nothing may be carried out here."""
         assert self._cluster_store is not None
         raw = record.to_json()
         give_up_at = time.monotonic() + (self.leader.ttl if self.leader else ADMIN_TIMEOUT_S)
@@ -299,7 +390,7 @@ class Coordinator:
             fence = self.leader.fence() if self.leader is not None else []
             try:
                 await asyncio.wait_for(
-                    self._cluster_store.save(raw, extra_compares=fence),
+                    self._cluster_store.save(raw, extra_compares=fence, extra_success=extra),
                     max(0.0, give_up_at - time.monotonic()),
                 )
                 self.etcd_reachability.report(RECORD_WRITES)
@@ -408,7 +499,7 @@ class Coordinator:
     def _record_phase(self, action: sm.PhaseEntered) -> None:
         at = self.unix_ms(action.at)
         closed = self.history.phase_entered(action, at)
-        if closed is not None:
+        if closed is not None and not closed.inherited:
             self.metrics.observe_phase(closed.phase, (at - closed.start_unix_ms) / 1000.0)
         log.info(
             "phase",
@@ -442,14 +533,31 @@ class Coordinator:
             watcher.close()
         self.watchers.clear()
 
+    @property
+    def event_seq(self) -> int:
+        """The seq of the last event numbered (a snapshot's)."""
+        return self.seq.last
+
     def _publish(self, action: sm.Action, unix_ms: float) -> None:
         """Hand an event to every watcher. Called as actions are carried out,
         after the record was persisted: a watcher never sees a transition
-        etcd does not hold."""
-        self.event_seq += 1
+        etcd does not hold, nor a seq above the ceiling etcd holds (a
+        successor numbers from above it)."""
+        seq = self.seq.next()
+        if self.seq.wanted() and self._history_writer is not None:
+            self._history_writer.poke()  # the next block of numbers
         if not self.watchers:
             return  # nobody listens: no conversion
-        event = event_to_proto(self, action, unix_ms, self.event_seq)
+        if not self.seq.sendable:
+            # Not one block reserved ahead: etcd has taken no history write
+            # for thousands of events. Rather than send a number a successor
+            # could give out again, end the streams (watch again later).
+            for watcher in list(self.watchers):
+                watcher.fail(NUMBERING_UNAVAILABLE)
+            self.watchers.clear()
+            log.warning("event streams ended: their numbering waits for etcd")
+            return
+        event = event_to_proto(self, action, unix_ms, seq)
         if event is None:
             return
         for watcher in list(self.watchers):

@@ -37,6 +37,11 @@ HELLO_TIMEOUT_S = 10.0
 LEASE_READ_TIMEOUT_S = 5.0
 # Events a WatchEvents stream may fall behind by before it is cut off.
 WATCH_BACKLOG = 1024
+# Why a stream ends, or a watch is refused, while the event numbers given out
+# run past the ceiling reserved in etcd (coordinator.history_store.EventSeq).
+NUMBERING_UNAVAILABLE = (
+    "the event stream's numbering waits for etcd (no history write got through); watch again"
+)
 
 PHASE_TO_PROTO: dict[sm.Phase, common_pb2.Phase] = {
     phase: cast(common_pb2.Phase, common_pb2.Phase.Value(f"PHASE_{phase.name}"))
@@ -385,15 +390,28 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.OperationDetail:
         if not request.op_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "op_id is empty")
-        async with self.coordinator.dispatch_lock:
-            history = self.coordinator.history
+        coordinator = self.coordinator
+        async with coordinator.dispatch_lock:
+            history = coordinator.history
             record = history.operations.get(request.op_id)
-            if record is not None:
-                return operation_detail(record, self.coordinator.machine.phase)
+            if record is not None and record.detail_loaded:
+                return operation_detail(record, coordinator.machine.phase)
             kept = len(history.operations)
+        if record is not None:
+            # A predecessor's operation: its spans are read from etcd when
+            # first asked for (history_store), not at the take-over.
+            try:
+                await coordinator.operation_detail(record)
+            except (TimeoutError, aetcd.ClientError) as exc:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the spans of {request.op_id!r} could not be read from etcd ({exc!r}); retry",
+                )
+            async with coordinator.dispatch_lock:
+                return operation_detail(record, coordinator.machine.phase)
         await context.abort(
             grpc.StatusCode.NOT_FOUND,
-            f"no operation {request.op_id!r} in this coordinator's history "
+            f"no operation {request.op_id!r} in the cluster's history "
             f"({kept} kept; see ListOperations)",
         )
         raise AssertionError("unreachable")  # context.abort raises
@@ -405,6 +423,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         # The snapshot and the subscription under one hold of the dispatch
         # lock: every event after the snapshot reaches the watcher, none twice.
         async with coordinator.dispatch_lock:
+            if not coordinator.seq.sendable:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, NUMBERING_UNAVAILABLE)
             first = admin_pb2.ClusterEvent(
                 seq=coordinator.event_seq,
                 unix_ms=time.time() * 1000.0,
@@ -421,6 +441,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the watcher fell more than {WATCH_BACKLOG} events behind; watch again",
                 )
+            if watcher.unavailable:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, watcher.unavailable)
         finally:
             coordinator.unwatch(watcher)
             log.info("event watch ended", extra=fields(peer=context.peer()))
@@ -455,6 +477,8 @@ class Watcher:
     def __init__(self) -> None:
         self._queue: asyncio.Queue[admin_pb2.ClusterEvent | None] = asyncio.Queue()
         self.overflowed = False
+        # Set (the reason) when the stream is ended for UNAVAILABLE.
+        self.unavailable = ""
         self._closed = False
 
     def offer(self, event: admin_pb2.ClusterEvent) -> bool:
@@ -472,6 +496,11 @@ class Watcher:
         if not self._closed:
             self._closed = True
             self._queue.put_nowait(None)
+
+    def fail(self, reason: str) -> None:
+        """End the stream with UNAVAILABLE and `reason`."""
+        self.unavailable = reason
+        self.close()
 
     async def next(self) -> admin_pb2.ClusterEvent | None:
         """The next event; None once the stream is to end."""

@@ -134,7 +134,8 @@ class Processes:
 class StatusWatcher:
     """Polls GetStatus on whichever coordinator leads; shows phase changes as
     they happen, hands each new phase to `on_phase`, and keeps every failure
-    and operation seen (a new leader's history starts at its take-over)."""
+    and operation seen. A new leader's timeline goes on from what its
+    predecessor stored in etcd: what follows the last span shown is new."""
 
     def __init__(
         self,
@@ -155,7 +156,8 @@ class StatusWatcher:
         # Every process incarnation seen for each rank.
         self.incarnations: dict[int, set[str]] = {}
         self.timeline: list[admin_pb2.PhaseSpan] = []
-        self._seen_spans = 0
+        # (start, phase, op_id, epoch) of the last span shown, from any leader.
+        self._last_span: tuple[float, int, str, int] | None = None
         self._channel: grpc.Channel | None = None
         self._stub: admin_pb2_grpc.AdminServiceStub | None = None
         self._stop = threading.Event()
@@ -172,7 +174,6 @@ class StatusWatcher:
             self.endpoint = endpoint
             self._channel = grpc.insecure_channel(endpoint)
             self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
-            self._seen_spans = 0  # a new leader's timeline starts at its take-over
         return True
 
     def _loop(self) -> None:
@@ -195,8 +196,7 @@ class StatusWatcher:
         for r in status.ranks:
             if r.incarnation:
                 self.incarnations.setdefault(r.rank, set()).add(r.incarnation)
-        spans = list(status.timeline)
-        for span in spans[self._seen_spans :]:
+        for span in self._new_spans(list(status.timeline)):
             self.timeline.append(span)
             at = (span.start_unix_ms - self._t0) / 1000.0
             self._show(
@@ -205,14 +205,30 @@ class StatusWatcher:
             )
             if self._on_phase is not None:
                 self._on_phase(span, status)
-        self._seen_spans = len(spans)
+            self._last_span = _span_key(span)
         self.status, self.status_from = status, self.endpoint
+
+    def _new_spans(self, spans: list[admin_pb2.PhaseSpan]) -> list[admin_pb2.PhaseSpan]:
+        """The spans after the last one shown. Where that one is not among
+        them (a new leader whose predecessor did not store it, a timeline
+        that moved past it), those that began after it."""
+        last = self._last_span
+        if last is None:
+            return spans
+        for i in range(len(spans) - 1, -1, -1):
+            if _span_key(spans[i]) == last:
+                return spans[i + 1 :]
+        return [s for s in spans if s.start_unix_ms > last[0]]
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
         if self._channel is not None:
             self._channel.close()
+
+
+def _span_key(span: admin_pb2.PhaseSpan) -> tuple[float, int, str, int]:
+    return (span.start_unix_ms, int(span.phase), span.op_id, span.epoch)
 
 
 def _restart_etcd(etcd: LocalEtcd, down_s: float) -> None:
@@ -531,8 +547,7 @@ class LocalCluster:
 
         Judged by incarnation, not by the admission's record: an admission that
         completes just after its joiner was killed did not bring that process
-        back, and one that completed just before a leader died may be missing
-        from the new leader's history."""
+        back."""
         relaunch = self.relaunched.get(rank)
         if relaunch is None or relaunch[0] <= self.lost_at.get(rank, 0.0):
             return False

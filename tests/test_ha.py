@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from coordinator import etcd_keys
 from coordinator.cluster_store import ClusterStore, StaleWrite
 from coordinator.election import LeaderLease, campaign, read_leader
+from coordinator.history_store import HistoryStore
 from epctl.local_etcd import LocalEtcd
 from protos.ep_recovery.v1 import admin_pb2
 from tests.agent_harness import CoordinatorProcess, ThreadRank, stop_together, wait_until
@@ -220,3 +222,137 @@ def test_a_leader_that_loses_etcd_steps_down_within_its_lease_and_leads_again(
             assert leader.phase() == "forming"
         finally:
             leader.stop()
+
+
+def _stored_spans(etcd: str, cluster: str, op_id: str) -> tuple[int, int]:
+    """(rank spans, closed phase spans) of operation `op_id` as etcd holds them."""
+
+    async def read() -> tuple[int, int]:
+        client = etcd_keys.new_client(*etcd_keys.split_endpoint(etcd))
+        try:
+            store = HistoryStore(client, cluster)
+            record = (await store.load()).history.operations.get(op_id)
+            if record is None:
+                return 0, 0
+            await store.read_detail(record)
+            return len(record.ranks), sum(1 for p in record.phases if p.end_unix_ms)
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
+def _same_spans(got: admin_pb2.OperationDetail, want: admin_pb2.OperationDetail) -> bool:
+    """The same phase spans, and the same rank spans with their times to
+    the microsecond (etcd holds them so)."""
+    phases = [(p.phase, p.epoch, p.start_unix_ms, p.end_unix_ms) for p in got.phases]
+    if phases != [(p.phase, p.epoch, p.start_unix_ms, p.end_unix_ms) for p in want.phases]:
+        return False
+
+    def ranks(d: admin_pb2.OperationDetail) -> list[Any]:
+        return sorted((r.rank, r.step, r.outcome, r.start_unix_ms, r.end_unix_ms) for r in d.ranks)
+
+    a, b = ranks(got), ranks(want)
+    return len(a) == len(b) and all(
+        x[:3] == y[:3] and abs(x[3] - y[3]) < 0.002 and abs(x[4] - y[4]) < 0.002
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_the_new_leader_answers_for_its_predecessors_operations(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    """A leader runs a recovery and is SIGKILLed: the standby that takes over
+    lists its operations, with their phases and each rank's spans, and its
+    event stream numbers on above the last number the old leader sent."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    args = ("--group-timeout-s", "5", *TTL)
+    first = CoordinatorProcess(tmp_path / "a", cluster_name, WORLD, etcd, *args)
+    second = CoordinatorProcess(tmp_path / "b", cluster_name, WORLD, etcd, *args, standby=True)
+    ranks: dict[int, ThreadRank] = {}
+    received: list[admin_pb2.ClusterEvent] = []
+    stream = first.admin.WatchEvents(admin_pb2.WatchEventsRequest())
+
+    def collect() -> None:
+        with contextlib.suppress(grpc.RpcError):  # the leader dies
+            for event in stream:
+                received.append(event)
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    try:
+        for rank in range(WORLD):
+            ranks[rank] = ThreadRank(rank, WORLD, "", etcd, cluster_name).start()
+        wait_until(lambda: first.phase() == "steady", 30, "the cluster to form")
+        ranks.pop(2).stop()
+        wait_until(lambda: first.phase() == "degraded", 30, "the shrink without rank 2")
+        ranks[2] = ThreadRank(2, WORLD, "", etcd, cluster_name, rejoin=True).start()
+        wait_until(
+            lambda: first.phase() == "steady" and len(first.status().members) == WORLD,
+            30,
+            "rank 2 to be admitted again",
+        )
+        listed = first.admin.ListOperations(admin_pb2.ListOperationsRequest(), timeout=5)
+        before = list(listed.operations)
+        assert [(o.kind, o.outcome) for o in before] == [
+            ("grow", "completed"),
+            ("shrink", "completed"),
+            ("form", "completed"),
+        ]
+        details = {
+            o.op_id: first.admin.GetOperation(
+                admin_pb2.GetOperationRequest(op_id=o.op_id), timeout=5
+            )
+            for o in before
+        }
+        grow = details[before[0].op_id]
+        assert {(r.rank, r.step) for r in grow.ranks} >= {(2, "wait_ready"), (0, "hold")}
+        # The old leader's writer has stored the grow's spans (it writes
+        # within a tenth of a second; SIGKILL may cut its last one short).
+        wait_until(
+            lambda: (
+                _stored_spans(etcd, cluster_name, grow.summary.op_id)
+                == (len(grow.ranks), len(grow.phases))
+            ),
+            10,
+            "the grow's spans in etcd",
+        )
+        wait_until(
+            lambda: any(e.WhichOneof("body") == "operation_ended" for e in received[1:]),
+            10,
+            "the stream to carry the operations",
+        )
+        last_sent = max(e.seq for e in received)
+
+        first.proc.kill()
+        first.proc.wait()
+        reader.join(timeout=10)
+        second.wait_leader(15)
+
+        # The predecessor's operations, as it told them.
+        listed = second.admin.ListOperations(admin_pb2.ListOperationsRequest(), timeout=5)
+        after = list(listed.operations)
+        assert [o.op_id for o in after[: len(before)]] == [o.op_id for o in before]
+        for old, new in zip(before, after, strict=False):
+            assert new == old, (old, new)
+        for op_id, detail in details.items():
+            got = second.admin.GetOperation(admin_pb2.GetOperationRequest(op_id=op_id), timeout=5)
+            assert got.summary == detail.summary
+            assert _same_spans(got, detail), (op_id, got, detail)
+        assert second.status().operations  # GetStatus's too
+
+        # The event stream goes on above the old leader's numbers.
+        stream = second.admin.WatchEvents(admin_pb2.WatchEventsRequest(), timeout=10)
+        snapshot = next(stream)
+        stream.cancel()
+        assert snapshot.WhichOneof("body") == "snapshot"
+        assert snapshot.seq > last_sent, (snapshot.seq, last_sent)
+        assert {o.op_id for o in snapshot.snapshot.operations} >= set(details)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- new leader log ---\n{second.log_tail()}") from exc
+    finally:
+        stream.cancel()
+        stop_together(ranks)
+        first.stop()
+        second.stop()

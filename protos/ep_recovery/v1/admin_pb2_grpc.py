@@ -122,8 +122,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListOperations(self, request, context):
-        """The operations the coordinator remembers, newest first (the one in flight
-        first). A restarted coordinator starts a new history.
+        """The cluster's last 128 operations, newest first (the one in flight
+        first). The history lives in etcd: a new leader lists its predecessors'.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,7 +131,8 @@ class AdminServiceServicer:
 
     def GetOperation(self, request, context):
         """One operation with its phase timeline and each rank's steps; NOT_FOUND for
-        an id the coordinator does not remember.
+        an id not in the history. UNAVAILABLE when a predecessor's operation's
+        spans cannot be read from etcd now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,6 +143,9 @@ class AdminServiceServicer:
         operations starting and ending, rank failures, admin calls) until the
         client cancels. A client too slow to keep up is cut off with
         RESOURCE_EXHAUSTED and may watch again (it gets a fresh snapshot).
+        UNAVAILABLE (at once, or ending the stream) while etcd has taken none of
+        the coordinator's history writes for thousands of events: their numbers
+        are not reserved yet (see ClusterEvent.seq).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
