@@ -28,7 +28,7 @@ import grpc
 import torch.distributed as dist
 from grpc_health.v1 import health as grpc_health
 
-from coordinator import etcd_keys, security
+from coordinator import etcd_keys, keepalive, security
 from coordinator import state_machine as sm
 from coordinator.cluster_store import ClusterStore, StaleWrite
 from coordinator.config import CoordinatorConfig, is_loopback, split_host_port
@@ -667,7 +667,11 @@ async def _lead(
     admin_auth = secrets.admin_auth()
     if admin_auth is not None:
         admin_auth.on_denied = lambda code: coordinator.metrics.observe_admin_denied(code.name)
-    server = grpc.aio.server(interceptors=[admin_auth] if admin_auth is not None else [])
+    server = grpc.aio.server(
+        interceptors=[admin_auth] if admin_auth is not None else [],
+        # Sessions whose rank went silent are ended; the agents' pings are welcome.
+        options=keepalive.server_options(config.lease_rebind_s),
+    )
     health = add_services(server, coordinator)
     try:
         bound = _bind(server, config, secrets)

@@ -44,7 +44,7 @@ import aetcd
 import grpc
 import torch.distributed as dist
 
-from coordinator import etcd_keys
+from coordinator import etcd_keys, keepalive
 from coordinator.election import decode_leader, read_leader
 from coordinator.logs import fields
 from coordinator.security import ClientTls, EtcdAccess
@@ -738,9 +738,12 @@ class WorkerAgent:
                 progress.cancel()
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        # Keepalive pings: a session whose coordinator went silent (its host
+        # vanished, a partition) is dropped and reopened (coordinator.keepalive).
+        options = keepalive.client_options(self.config.lease_ttl_s)
         if self._credentials is not None:
-            return grpc.aio.secure_channel(endpoint, self._credentials)
-        return grpc.aio.insecure_channel(endpoint)
+            return grpc.aio.secure_channel(endpoint, self._credentials, options=options)
+        return grpc.aio.insecure_channel(endpoint, options=options)
 
     async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
         assert self._outbox is not None

@@ -1,0 +1,221 @@
+"""Network faults that are not crashes: traffic dropped, not refused.
+
+A host that vanishes, a partition, a firewall that starts dropping packets:
+no connection is reset, nothing is refused, the peers just stop hearing from
+each other. The tests put a loopback TcpProxy (tests/agent_harness.py) in
+front of a rank's coordinator session, a rank's etcd client or a
+coordinator's etcd client, and blackhole it (nothing forwarded, no RST, no
+FIN), stall it one way, and heal it (everything held is delivered, as TCP
+retransmits it after a partition heals). Real etcd, real coordinator
+processes, real agents over real gloo groups; every wait has a deadline.
+
+What they show (docs/faults.md, "Network faults"):
+
+- a rank cut off from both its coordinator and etcd (a host gone silently)
+  is found by its lease and the others shrink without it; when the partition
+  heals, that process is refused and stops, whether or not it was launched
+  with --rejoin; a relaunch rejoins;
+- a rank cut off from the coordinator only serves on, is suspect but never
+  evicted for it, and its session resumes when the cut heals;
+- a leader cut off from etcd steps down within its lease, before a standby
+  can lead, and stands by once healed; a standby cut off from etcd takes over
+  once healed; the ranks serve throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator import etcd_keys, keepalive
+from protos.ep_recovery.v1 import admin_pb2
+from tests.agent_harness import (
+    TO_CLIENT,
+    TO_SERVER,
+    CoordinatorProcess,
+    TcpProxy,
+    ThreadRank,
+    thread_cluster,
+    wait_until,
+)
+
+WORLD = 4
+# Short timings, so each fault plays out in seconds: rank leases of 1 s (the
+# agents' default), 1 s to bind a new lease (the coordinator's sessions are
+# pinged every 0.5 s), a hang found after 3 s.
+REBIND = ("--lease-rebind-s", "1")
+HANG = ("--hang-timeout-s", "3")
+
+
+def _state(coord: CoordinatorProcess, rank: int) -> int:
+    return next(r.state for r in coord.status().ranks if r.rank == rank)
+
+
+def _serving(coord: CoordinatorProcess, members: list[int]) -> bool:
+    try:
+        status = coord.status()
+    except grpc.RpcError:
+        return False
+    return list(status.members) == members and all(
+        r.state == admin_pb2.RANK_STATE_SERVING for r in status.ranks if r.rank in members
+    )
+
+
+def _iterating(ranks: dict[int, ThreadRank], steps: int, timeout_s: float, what: str) -> None:
+    start = {rank: r.adapter.iteration for rank, r in ranks.items()}
+    wait_until(
+        lambda: all(r.adapter.iteration >= start[k] + steps for k, r in ranks.items()),
+        timeout_s,
+        what,
+    )
+
+
+def _alive(ranks: dict[int, ThreadRank]) -> None:
+    for rank, r in ranks.items():
+        assert r.agent._fatal is None, f"rank {rank} stopped: {r.agent._fatal}"
+        assert r.error is None, f"rank {rank}'s engine failed: {r.error!r}"
+        assert r._thread.is_alive(), f"rank {rank}'s engine thread ended"
+
+
+def _log_time(coord: CoordinatorProcess, message: str) -> datetime:
+    """When `message` was first logged by `coord` (its log's clock: this host's)."""
+    coord.log.flush()
+    for line in Path(coord.log.name).read_text(errors="replace").splitlines():
+        if message in line:
+            return datetime.strptime(line.split(" ", 1)[0], "%H:%M:%S.%f")
+    raise AssertionError(f"{message!r} not in the log:\n{coord.log_tail()}")
+
+
+# --- gRPC keepalive itself ---------------------------------------------------------------
+
+
+async def _blackholed_call(options: list[tuple[str, object]], limit_s: float) -> float:
+    """Open a streaming call through a proxy with these client channel
+    options, blackhole the proxy, and return how long the client took to see
+    the call fail (limit_s if it never did)."""
+    server = grpc.aio.server(options=keepalive.server_options(1.0))
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    proxy = TcpProxy(f"127.0.0.1:{port}")
+    channel = grpc.aio.insecure_channel(proxy.endpoint, options=options)
+    try:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        await call.read()  # the session is up
+        proxy.blackhole()
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(call.read(), limit_s)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            return time.monotonic() - started
+        except TimeoutError:
+            return limit_s
+        raise AssertionError("a blackholed call got an answer")
+    finally:
+        proxy.close()
+        await channel.close()
+        await server.stop(0)
+
+
+def test_a_blackholed_session_is_dropped_within_two_lease_ttls() -> None:
+    """The agents' channel options (rank lease TTL 1 s): a session whose
+    coordinator went silent fails within about two TTLs. gRPC core 1.85 does
+    not enforce `keepalive_timeout_ms` by itself: without the ping timeout
+    the same call failed only after a minute."""
+    took = asyncio.run(_blackholed_call(keepalive.client_options(1), 10.0))
+    assert took < 3.5, f"the blackholed session failed only after {took:.1f} s"
+
+
+def test_the_etcd_channel_options_find_a_dead_connection_within_the_ping_timeout() -> None:
+    """etcd_keys.CHANNEL_OPTIONS, with the ping interval shortened (1 s, not
+    10) to keep the test short: a blackholed etcd connection fails within the
+    interval and the 5 s ping timeout, not after gRPC's default minute."""
+    options = {**etcd_keys.CHANNEL_OPTIONS, "grpc.keepalive_time_ms": 1000}
+    took = asyncio.run(_blackholed_call(list(options.items()), 12.0))
+    assert took < 8.0, f"the blackholed etcd connection failed only after {took:.1f} s"
+
+
+# --- a rank cut off ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["both", TO_SERVER, TO_CLIENT])
+def test_a_rank_cut_off_from_the_coordinator_only_serves_on_and_is_not_evicted(
+    tmp_path: Path, etcd: str, cluster_name: str, direction: str
+) -> None:
+    """Only rank 1's session is cut (both ways, or one way: its messages or
+    the coordinator's stalled): its lease is renewed and its peers reach it.
+    Both ends notice the silent session (keepalive), so the coordinator holds
+    it suspect, not serving with no progress: for twice the hang timeout it
+    is not declared hung (before, it was, after the hang timeout), nobody
+    fails, and it serves throughout. Healed, its session resumes: same
+    epoch, same members, no operation ran."""
+    cluster = thread_cluster(tmp_path, etcd, cluster_name, WORLD, *REBIND, *HANG, proxied=(1,))
+    with cluster as (coord, ranks):
+        try:
+            proxy = coord.proxies[1]
+            before = coord.status()
+            accepted = proxy.accepted
+            if direction == "both":
+                proxy.blackhole()
+            else:
+                proxy.stall(direction)
+            # For twice the hang timeout: nobody fails, everyone serves. The
+            # coordinator drops the silent session (rank 1 is suspect) and
+            # rank 1 tries new sessions, both within about a second.
+            suspect_after: float | None = None
+            started = time.monotonic()
+            while time.monotonic() < started + 2 * 3.0:
+                status = coord.status()
+                assert list(status.members) == [0, 1, 2, 3] and not status.failures, (
+                    f"members {list(status.members)}, failures "
+                    f"{[(f.rank, f.reason) for f in status.failures]}"
+                )
+                if suspect_after is None and _state(coord, 1) == admin_pb2.RANK_STATE_SUSPECT:
+                    suspect_after = time.monotonic() - started
+                _alive(ranks)
+                time.sleep(0.1)
+            assert suspect_after is not None and suspect_after < 3, (
+                f"the coordinator held rank 1's silent session for {suspect_after} s"
+            )
+            assert _state(coord, 1) == admin_pb2.RANK_STATE_SUSPECT
+            assert proxy.accepted > accepted, "rank 1 never noticed its session was gone"
+            _iterating(ranks, 30, 30, "30 iterations on every rank, rank 1 cut off")
+
+            proxy.heal()
+            wait_until(lambda: _serving(coord, [0, 1, 2, 3]), 10, "rank 1's session back")
+            _iterating(ranks, 30, 30, "30 iterations after the heal")
+            after = coord.status()
+            assert (after.epoch, list(after.members)) == (before.epoch, [0, 1, 2, 3])
+            assert not after.failures and len(after.operations) == len(before.operations)
+            _alive(ranks)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
+
+
+# --- a coordinator cut off from etcd -----------------------------------------------------
+
+
+def _pair(
+    tmp_path: Path, etcd: str, cluster: str, leader_etcd: str, standby_etcd: str
+) -> tuple[CoordinatorProcess, CoordinatorProcess]:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    args = ("--group-timeout-s", "5", "--leader-ttl-s", "2")
+    first = CoordinatorProcess(tmp_path / "a", cluster, WORLD, leader_etcd, *args)
+    try:
+        second = CoordinatorProcess(
+            tmp_path / "b", cluster, WORLD, standby_etcd, *args, standby=True
+        )
+    except BaseException:
+        first.stop()
+        raise
+    return first, second
