@@ -147,6 +147,81 @@ def test_the_etcd_channel_options_find_a_dead_connection_within_the_ping_timeout
 # --- a rank cut off ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("launched_with_rejoin", [False, True], ids=["founder", "relaunched"])
+def test_a_rank_host_gone_silently_is_shrunk_away_and_refused_when_it_heals(
+    tmp_path: Path, etcd: str, cluster_name: str, launched_with_rejoin: bool
+) -> None:
+    """Rank 1's session and its etcd traffic are blackholed: to the others,
+    its host vanished without a reset. Its lease expires and its session
+    goes silent: it is failed within about a lease TTL plus lease_rebind_s,
+    and the others shrink and serve on. The partition heals: that process
+    (which served on by itself meanwhile, then held once its peers had moved
+    on) renews its lease, reconnects and is refused, so it stops; the
+    cluster does not take it back, also when it had been launched with
+    --rejoin (the relaunched case: before the fix it was admitted again as a
+    joiner, without a relaunch). A relaunch rejoins."""
+    with thread_cluster(
+        tmp_path, etcd, cluster_name, WORLD, *REBIND, proxied=(1,), etcd_proxied=(1,)
+    ) as (coord, ranks):
+        try:
+            session, lease = coord.proxies[1], coord.etcd_proxies[1]
+            if launched_with_rejoin:
+                ranks.pop(1).stop()
+                wait_until(lambda: coord.phase() == "degraded", 30, "the shrink without 1")
+                ranks[1] = ThreadRank(
+                    1, WORLD, session.endpoint, lease.endpoint, cluster_name, rejoin=True
+                ).start()
+                wait_until(lambda: _serving(coord, [0, 1, 2, 3]), 30, "rank 1's rejoin")
+            epoch = coord.status().epoch
+            cut_off = ranks[1]
+
+            session.blackhole()
+            lease.blackhole()
+            started = time.monotonic()
+            wait_until(lambda: coord.phase() == "degraded", 10, "the shrink without rank 1")
+            found_s = time.monotonic() - started
+            # Lease TTL 1 s + lease_rebind_s 1 s, with room for a loaded host.
+            assert found_s < 5, f"rank 1 was found gone after {found_s:.1f} s"
+            status = coord.status()
+            assert list(status.members) == [0, 2, 3] and status.epoch == epoch + 1
+            assert [f.rank for f in status.failures if f.confirmed_unix_ms > 0][-1:] == [1]
+            others = {r: ranks[r] for r in (0, 2, 3)}
+            _iterating(others, 30, 30, "30 iterations on the survivors")
+            assert cut_off._thread.is_alive() and cut_off.agent._fatal is None  # it waits
+
+            operations = len(coord.status().operations)
+            # The partition heals, etcd first: the cut-off process renews its
+            # lease, so its key is back and its hello will name the lease
+            # that holds it, as a member's reconnect does. Its stale session
+            # attempts are reset (as a firewall that lost their state does),
+            # so the next one carries that lease.
+            lease.heal()
+            wait_until(
+                lambda: cut_off.agent._lease is not None and cut_off.agent._lease.renewals > 0,
+                15,
+                "the cut-off rank 1 to renew its lease",
+            )
+            session.cut()
+            session.heal()
+            wait_until(lambda: cut_off.agent._fatal is not None, 15, "the old rank 1 to stop")
+            assert "was removed from cluster" in cut_off.agent._fatal, cut_off.agent._fatal
+            wait_until(lambda: not cut_off._thread.is_alive(), 15, "its engine to stop")
+            # No split brain: it never came back, nothing started for it.
+            _iterating(others, 30, 30, "30 more iterations on the survivors")
+            status = coord.status()
+            assert list(status.members) == [0, 2, 3] and status.epoch == epoch + 1
+            assert len(status.operations) == operations and coord.phase() == "degraded"
+            _alive(others)
+
+            ranks.pop(1).stop()
+            ranks[1] = ThreadRank(1, WORLD, coord.endpoint, etcd, cluster_name, rejoin=True)
+            ranks[1].start()
+            wait_until(lambda: _serving(coord, [0, 1, 2, 3]), 30, "the relaunched rank 1")
+            _iterating(ranks, 20, 30, "20 iterations on all four")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
+
+
 @pytest.mark.parametrize("direction", ["both", TO_SERVER, TO_CLIENT])
 def test_a_rank_cut_off_from_the_coordinator_only_serves_on_and_is_not_evicted(
     tmp_path: Path, etcd: str, cluster_name: str, direction: str
