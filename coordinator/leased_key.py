@@ -269,6 +269,11 @@ class LeasedKey:
                 )
                 self._report_refresh(f"lease refresh failed: {exc!r}")
                 next_at = time.monotonic() + min(interval, RETRY_INTERVAL_S * 2 ** min(failures, 4))
+                if not self.renews:
+                    # The lease is lost when it expires, not a retry later:
+                    # etcd may drop it then, and a standby lead, while this
+                    # holder, asleep in its backoff, still believed it led.
+                    next_at = min(next_at, expires_at)
                 continue
             if reply.TTL <= 0:
                 if not self.renews:

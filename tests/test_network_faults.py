@@ -25,6 +25,8 @@ What they show (docs/faults.md, "Network faults"):
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +36,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator import etcd_keys, keepalive
+from coordinator.election import LeaderLease
 from protos.ep_recovery.v1 import admin_pb2
 from tests.agent_harness import (
     TO_CLIENT,
@@ -41,6 +44,7 @@ from tests.agent_harness import (
     CoordinatorProcess,
     TcpProxy,
     ThreadRank,
+    stop_together,
     thread_cluster,
     wait_until,
 )
@@ -142,6 +146,44 @@ def test_the_etcd_channel_options_find_a_dead_connection_within_the_ping_timeout
     options = {**etcd_keys.CHANNEL_OPTIONS, "grpc.keepalive_time_ms": 1000}
     took = asyncio.run(_blackholed_call(list(options.items()), 12.0))
     assert took < 8.0, f"the blackholed etcd connection failed only after {took:.1f} s"
+
+
+def test_a_leader_lease_is_lost_when_it_expires_not_a_retry_later(
+    etcd: str, cluster_name: str
+) -> None:
+    """The leader's etcd path refuses connections (fast failures, backing
+    off): the lease must be reported lost at its expiry, when etcd may drop
+    it and a standby lead, not when the next retry happens to run (up to
+    0.8 s later before the fix)."""
+
+    sent: list[float] = []
+
+    class Spied(LeaderLease):
+        async def _refresh(self, client: object, lease_id: int, left: float) -> object:
+            at = time.monotonic()
+            reply = await super()._refresh(client, lease_id, left)  # type: ignore[arg-type]
+            sent.append(at)  # answered: the lease runs from here
+            return reply
+
+    async def body() -> float:
+        proxy = TcpProxy(etcd)
+        host, port = etcd_keys.split_endpoint(proxy.endpoint)
+        lease = Spied(host, port, cluster_name, ttl=3, identity={"id": "spied"})
+        await lease.start()
+        try:
+            granted = time.monotonic()
+            while not sent:  # the first refresh got through
+                await asyncio.sleep(0.01)
+                assert time.monotonic() - granted < 3, "no refresh got through"
+            proxy.close()  # connections reset, new ones refused: fast failures
+            await asyncio.wait_for(lease.lost.wait(), 10)
+            return time.monotonic() - (sent[-1] + lease.ttl)
+        finally:
+            proxy.close()
+            await lease.stop()
+
+    late = asyncio.run(body())
+    assert late < 0.05, f"the lease was reported lost {late:.3f} s after it expired"
 
 
 # --- a rank cut off ------------------------------------------------------------------------
@@ -294,3 +336,108 @@ def _pair(
         first.stop()
         raise
     return first, second
+
+
+def test_a_leader_cut_off_from_etcd_steps_down_before_the_standby_leads(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    """The leader's etcd traffic is blackholed (not the ranks', not the
+    standby's). It steps down within its lease (2 s), before the standby's
+    claim; the standby takes over and the ranks follow the leader key,
+    serving throughout, nobody failed. Healed, the old leader stands by;
+    when the new one stops, it leads again and the ranks follow it back."""
+    proxy = TcpProxy(etcd)
+    first, second = _pair(tmp_path, etcd, cluster_name, proxy.endpoint, etcd)
+    ranks: dict[int, ThreadRank] = {}
+    try:
+        for rank in range(WORLD):  # no coordinator address: the leader key
+            ranks[rank] = ThreadRank(rank, WORLD, "", etcd, cluster_name).start()
+        wait_until(lambda: first.phase() == "steady", 30, "the cluster to form")
+        epoch = first.status().epoch
+
+        proxy.blackhole()
+        started = time.monotonic()
+        second.wait_leader(10)
+        took_s = time.monotonic() - started
+        assert took_s < 2 + 2, f"the standby led only after {took_s:.1f} s"  # TTL + slack
+        wait_until(lambda: first.role() == "standby", 10, "the cut-off leader to stand by")
+        # No moment with two leaders: the old one gave up no later than the
+        # new one's claim (the strict check, without a log's clock, is
+        # test_a_leader_lease_is_lost_when_it_expires_not_a_retry_later).
+        lost = _log_time(first, "leader lease lost")
+        claimed = _log_time(second, "leader lease granted")
+        assert lost <= claimed, f"the old leader gave up at {lost}, after the claim at {claimed}"
+        wait_until(lambda: _serving(second, [0, 1, 2, 3]), 15, "the ranks to follow")
+        _iterating(ranks, 30, 30, "30 iterations under the new leader")
+
+        proxy.heal()
+        wait_until(
+            lambda: "standing by" in Path(first.log.name).read_text().split("stepped down")[-1],
+            20,
+            "the healed leader to stand by",
+        )
+        assert first.role() == "standby" and second.role() == "leader"
+        status = second.status()
+        assert (status.epoch, list(status.members)) == (epoch, [0, 1, 2, 3])
+        assert not status.failures
+
+        second.stop()  # SIGTERM: its lease is revoked, the healed one takes over
+        first.wait_leader(15)
+        wait_until(lambda: _serving(first, [0, 1, 2, 3]), 15, "the ranks to follow it back")
+        _iterating(ranks, 30, 30, "30 iterations under the first leader again")
+        status = first.status()
+        assert (status.epoch, list(status.members)) == (epoch, [0, 1, 2, 3])
+        assert not status.failures
+        _alive(ranks)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}\n--- first ---\n{first.log_tail()}\n--- second ---\n{second.log_tail()}"
+        ) from exc
+    finally:
+        stop_together(ranks)
+        proxy.close()
+        first.stop()
+        second.stop()
+
+
+def test_a_standby_cut_off_from_etcd_takes_over_once_healed(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    """The standby's etcd traffic is blackholed, then the leader dies
+    (SIGKILL). Nobody can lead: the ranks serve on, by themselves. The
+    standby must not act on what it cannot see; once healed it takes over,
+    the ranks reconnect and nobody failed."""
+    proxy = TcpProxy(etcd)
+    first, second = _pair(tmp_path, etcd, cluster_name, etcd, proxy.endpoint)
+    ranks: dict[int, ThreadRank] = {}
+    try:
+        for rank in range(WORLD):
+            ranks[rank] = ThreadRank(rank, WORLD, "", etcd, cluster_name).start()
+        wait_until(lambda: first.phase() == "steady", 30, "the cluster to form")
+        epoch = first.status().epoch
+
+        proxy.blackhole()
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+        until = time.monotonic() + 5  # past the dead leader's lease (2 s)
+        while time.monotonic() < until:
+            assert second.role() == "standby"
+            _alive(ranks)
+            time.sleep(0.2)
+        _iterating(ranks, 30, 30, "30 iterations with no coordinator")
+
+        proxy.heal()
+        second.wait_leader(20)
+        wait_until(lambda: _serving(second, [0, 1, 2, 3]), 20, "the ranks to reconnect")
+        status = second.status()
+        assert (status.epoch, list(status.members)) == (epoch, [0, 1, 2, 3])
+        assert not status.failures
+        _iterating(ranks, 30, 30, "30 iterations under the new leader")
+        _alive(ranks)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- standby ---\n{second.log_tail()}") from exc
+    finally:
+        stop_together(ranks)
+        proxy.close()
+        first.stop()
+        second.stop()
