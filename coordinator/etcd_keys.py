@@ -42,6 +42,11 @@ CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
     "grpc.http2.ping_timeout_ms": 5_000,
+    # A connection of its own per client. By default gRPC shares one
+    # connection among the channels of a process that have the same target
+    # and options, so a client made to get away from a connection that went
+    # silent (coordinator.leased_key) would get the same dead one again.
+    "grpc.use_local_subchannel_pool": 1,
 }
 
 

@@ -22,6 +22,15 @@ Short of a loss, the keepalive reports whether etcd answers it: a refresh that
 failed, or went unanswered for UNANSWERED_S, makes `refresh_problem` non-empty
 until one gets through, and `refresh_listeners` hear each change (the
 leader's gRPC health turns NOT_SERVING meanwhile).
+
+A refresh still unanswered after a third of the TTL (at most UNANSWERED_S)
+is sent again on a new connection, the first one staying outstanding:
+whichever answers first counts. A TCP connection can die without a reset (a
+NAT or firewall that dropped its state, a peer that vanished) while a new one
+to the same etcd works, and gRPC notices a dead connection only after its
+keepalive ping goes unanswered, seconds after a rank's lease has expired:
+without this, a healthy rank whose one connection to etcd went silent was
+evicted (tests/test_network_faults.py).
 """
 
 from __future__ import annotations
@@ -103,6 +112,10 @@ class LeasedKey:
         self._granted_ttl = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Clients replaced by a fresh connection, closed once their last call ended.
+        self._retired: list[aetcd.Client] = []
+        self._closing: set[asyncio.Task[None]] = set()
+        self.reconnects = 0  # fresh connections opened for an unanswered refresh
 
     # --- properties -----------------------------------------------------------
 
@@ -187,6 +200,7 @@ class LeasedKey:
 
     async def _release(self) -> None:
         client, self._client = self._client, None
+        self._close_retired()
         if client is None:
             return
         # Revoked even after a loss: when the loss was "no refresh got through",
@@ -221,7 +235,6 @@ class LeasedKey:
 
     async def _refresh_until_lost(self, expires_at: float) -> None:
         assert self._client is not None and self._lease_id is not None
-        client = self._client
         interval = self._granted_ttl / 3
         next_at = time.monotonic() + interval
         failures = 0
@@ -249,7 +262,7 @@ class LeasedKey:
             try:
                 # Bounded by the TTL left: a refresh answered later than that
                 # cannot save the lease anyway.
-                reply = await self._refresh(client, lease_id, left)
+                reply = await self._refresh(self.client, lease_id, left)
                 if reply is None:
                     raise aetcd.ClientError("keepalive stream closed without a reply")
             except Exception as exc:
@@ -279,7 +292,7 @@ class LeasedKey:
                 if not self.renews:
                     self._declare_lost("etcd says the lease expired (refresh returned TTL 0)")
                     return
-                expires_at = await self._renew(client, lease_id)
+                expires_at = await self._renew(lease_id)
                 sent_at = expires_at - self._granted_ttl
             else:
                 # The lease runs from when etcd handled the refresh, which is
@@ -295,7 +308,7 @@ class LeasedKey:
             self._report_refresh("")
             next_at = sent_at + interval
 
-    async def _renew(self, client: aetcd.Client, lost_id: int) -> float:
+    async def _renew(self, lost_id: int) -> float:
         """Replace a lease etcd no longer has: grant a new one and put the key
         on it, retrying until etcd takes both. Returns when the new lease
         expires unless refreshed."""
@@ -307,9 +320,11 @@ class LeasedKey:
         while True:
             granted_at = time.monotonic()
             try:
-                await asyncio.wait_for(self._grant_and_put(client), self.start_timeout_s)
+                await asyncio.wait_for(self._grant_and_put(self.client), self.start_timeout_s)
                 break
             except Exception as exc:
+                if isinstance(exc, TimeoutError):
+                    self._fresh_client()  # its connection may be the one that is dead
                 log.warning(
                     f"{self.kind} lease renewal failed, retrying",
                     extra=fields(**self._fields, error=repr(exc), retry_in_s=backoff),
@@ -329,24 +344,77 @@ class LeasedKey:
         return granted_at + self._granted_ttl
 
     async def _refresh(self, client: aetcd.Client, lease_id: int, left: float) -> Any:
-        """One refresh, waited for up to `left` seconds; one still unanswered
-        after UNANSWERED_S is reported meanwhile."""
-        refresh = asyncio.ensure_future(client.refresh_lease(lease_id))
+        """One refresh, waited for up to `left` seconds. Still unanswered
+        after a third of the TTL (at most UNANSWERED_S), it is sent again on a
+        fresh connection while the first stays outstanding, and whichever
+        answers first counts; unanswered after UNANSWERED_S, it is reported
+        meanwhile."""
+        started = time.monotonic()
+        deadline = started + left
+        retry_at = started + min(UNANSWERED_S, self._granted_ttl / 3)
+        report_at = started + UNANSWERED_S
+        retried = reported = False
+        attempts = {asyncio.ensure_future(client.refresh_lease(lease_id))}
+        error: BaseException | None = None
         try:
-            done, _ = await asyncio.wait({refresh}, timeout=min(left, UNANSWERED_S))
-            if done:
-                return refresh.result()
-            if left <= UNANSWERED_S:
-                raise TimeoutError(f"no answer within the {left:.3f} s the lease had left")
-            log.warning(
-                f"{self.kind} lease refresh unanswered",
-                extra=fields(**self._fields, lease_id=lease_id, waited_s=UNANSWERED_S),
-            )
-            self._report_refresh(f"etcd has not answered a lease refresh for {UNANSWERED_S} s")
-            return await asyncio.wait_for(refresh, left - UNANSWERED_S)
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError(f"no answer within the {left:.3f} s the lease had left")
+                wake = min(
+                    deadline,
+                    retry_at if not retried else deadline,
+                    report_at if not reported else deadline,
+                )
+                done, attempts = await asyncio.wait(
+                    attempts, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED
+                )
+                for attempt in done:
+                    if attempt.exception() is None:
+                        return attempt.result()
+                    error = attempt.exception()
+                if not attempts:
+                    assert error is not None
+                    raise error  # every connection refused it: not a silence
+                now = time.monotonic()
+                if not reported and now >= report_at:
+                    reported = True
+                    log.warning(
+                        f"{self.kind} lease refresh unanswered",
+                        extra=fields(**self._fields, lease_id=lease_id, waited_s=UNANSWERED_S),
+                    )
+                    self._report_refresh(
+                        f"etcd has not answered a lease refresh for {UNANSWERED_S} s"
+                    )
+                if not retried and now >= retry_at:
+                    retried = True
+                    fresh = self._fresh_client()
+                    attempts.add(asyncio.ensure_future(fresh.refresh_lease(lease_id)))
         finally:
-            if not refresh.done():
-                refresh.cancel()
+            for attempt in attempts:
+                attempt.cancel()
+            self._close_retired()
+
+    def _fresh_client(self) -> aetcd.Client:
+        """Move to a new connection to etcd (the old client is closed once its
+        calls are done): the one in use may have died without a reset."""
+        old = self._client
+        self._client = etcd_keys.new_client(self.host, self.port, access=self.access)
+        self.reconnects += 1
+        if old is not None:
+            self._retired.append(old)
+        log.warning(
+            f"{self.kind} lease: etcd does not answer on this connection; trying a new one",
+            extra=fields(**self._fields, lease_id=self._lease_id, reconnects=self.reconnects),
+        )
+        return self._client
+
+    def _close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for client in retired:
+            task = asyncio.ensure_future(_close_quietly(client))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _report_refresh(self, problem: str) -> None:
         """Record whether etcd answers the refreshes ("" when it does); tell
@@ -379,3 +447,8 @@ class LeasedKey:
                 self._on_lost()
             except Exception:
                 log.exception("on_lost callback failed", extra=fields(**self._fields))
+
+
+async def _close_quietly(client: aetcd.Client) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.close(), REVOKE_TIMEOUT_S)

@@ -318,6 +318,41 @@ def test_a_rank_cut_off_from_the_coordinator_only_serves_on_and_is_not_evicted(
             raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
 
 
+def test_a_rank_whose_etcd_connection_died_silently_keeps_its_lease(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    """Rank 1's one connection to etcd goes silent (a NAT or firewall that
+    dropped its state: that flow's packets vanish, a new connection works).
+    gRPC would notice only when its keepalive ping goes unanswered, 15 s
+    later; the lease (TTL 1 s) would expire and the rank be evicted after
+    lease_rebind_s, alive and serving (before the fix, within 5 s). The
+    keepalive sends an unanswered refresh again on a fresh connection: the
+    lease lives, nothing happens."""
+    cluster = thread_cluster(tmp_path, etcd, cluster_name, WORLD, etcd_proxied=(1,))
+    with cluster as (coord, ranks):
+        try:
+            proxy = coord.etcd_proxies[1]
+            before = coord.status()
+            lease = ranks[1].agent._lease
+            assert lease is not None
+            proxy.blackhole(existing_only=True)
+            until = time.monotonic() + 1 + 3.0 + 2  # past a TTL and lease_rebind_s (3 s)
+            while time.monotonic() < until:
+                status = coord.status()
+                assert list(status.members) == [0, 1, 2, 3] and not status.failures, (
+                    f"members {list(status.members)}, failures "
+                    f"{[(f.rank, f.reason) for f in status.failures]}"
+                )
+                _alive(ranks)
+                time.sleep(0.1)
+            assert lease.reconnects > 0 and _serving(coord, [0, 1, 2, 3])
+            _iterating(ranks, 30, 30, "30 iterations on every rank")
+            after = coord.status()
+            assert (after.epoch, len(after.operations)) == (before.epoch, len(before.operations))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
+
+
 # --- a coordinator cut off from etcd -----------------------------------------------------
 
 
