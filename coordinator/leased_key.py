@@ -16,7 +16,11 @@ then depends on what the key stands for:
   extends every lease when it elects a leader), and a lease it dropped is
   replaced: a new lease is granted, the key put on it, and `on_renewed` hears
   the new lease id, for the holder to bind its session to it. Whether the rank
-  stays a member is the coordinator's decision, not the lease's.
+  stays a member is the coordinator's decision, not the lease's. The key is
+  put back only if it is gone or still on the lost lease: one that another
+  lease holds belongs to a relaunch of the rank (this process was cut off
+  meanwhile), and taking it would leave the live process without its key
+  once this one stops. The lease is then reported lost, for good.
 
 Short of a loss, the keepalive reports whether etcd answers it: a refresh that
 failed, or went unanswered for UNANSWERED_S, makes `refresh_problem` non-empty
@@ -59,6 +63,10 @@ REVOKE_TIMEOUT_S = 2.0
 # means etcd is not answering in time. It is reported, not given up on: it
 # may still save the lease until the TTL runs out.
 UNANSWERED_S = 1.0
+
+
+class KeyTaken(Exception):
+    """Another lease holds the key: a renewal does not take it."""
 
 
 class LeasedKey:
@@ -168,14 +176,48 @@ class LeasedKey:
             extra=fields(**self._fields, lease_id=self._lease_id, ttl=self.ttl),
         )
 
-    async def _grant_and_put(self, client: aetcd.Client) -> None:
+    async def _grant_and_put(self, client: aetcd.Client, replacing: int | None = None) -> None:
+        """Grant a lease and put the key on it; `replacing`: the lost lease a
+        renewal replaces (KeyTaken, and the new lease revoked, when another
+        lease holds the key)."""
         lease = await client.lease(self.requested_ttl)
         self._lease_id = int(lease.id)
         self._granted_ttl = int(lease.ttl)
         self._value.update(lease_id=self._lease_id)
         self._value.setdefault("pid", os.getpid())
         self._value.setdefault("host", socket.gethostname())
-        await self._claim(client, int(lease.id), etcd_keys.encode_rank_value(self._value))
+        value = etcd_keys.encode_rank_value(self._value)
+        if replacing is None:
+            await self._claim(client, int(lease.id), value)
+            return
+        try:
+            await self._reclaim(client, int(lease.id), value, replacing)
+        except KeyTaken:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.revoke_lease(int(lease.id)), REVOKE_TIMEOUT_S)
+            self._lease_id = replacing
+            self._value.update(lease_id=replacing)
+            raise
+
+    async def _reclaim(self, client: aetcd.Client, lease_id: int, value: bytes, lost: int) -> None:
+        """Put the key on a new lease in place of the `lost` one, only while
+        the key is gone or still on the lost lease (etcd compares cannot name
+        a key's lease: the key's revision as read is compared instead)."""
+        txn = client.transactions
+        for _ in range(5):  # each try loses only to a concurrent change of the key
+            got = await client.get(self.key)
+            if got is None:
+                compare = [txn.create(self.key) == 0]
+            elif int(got.lease) == lost:
+                compare = [txn.mod(self.key) == int(got.mod_revision)]
+            else:
+                raise KeyTaken(f"the key is held by another lease ({int(got.lease):x})")
+            written, _ = await client.transaction(
+                compare=compare, success=[txn.put(self.key, value, lease=lease_id)], failure=[]
+            )
+            if written:
+                return
+        raise aetcd.ClientError("the key kept changing while the lease was renewed")
 
     async def _claim(self, client: aetcd.Client, lease_id: int, value: bytes) -> None:
         """Put the key on the lease; a subclass may refuse (raise) instead."""
@@ -292,7 +334,10 @@ class LeasedKey:
                 if not self.renews:
                     self._declare_lost("etcd says the lease expired (refresh returned TTL 0)")
                     return
-                expires_at = await self._renew(lease_id)
+                renewed_until = await self._renew(lease_id)
+                if renewed_until is None:
+                    return
+                expires_at = renewed_until
                 sent_at = expires_at - self._granted_ttl
             else:
                 # The lease runs from when etcd handled the refresh, which is
@@ -308,10 +353,11 @@ class LeasedKey:
             self._report_refresh("")
             next_at = sent_at + interval
 
-    async def _renew(self, lost_id: int) -> float:
+    async def _renew(self, lost_id: int) -> float | None:
         """Replace a lease etcd no longer has: grant a new one and put the key
         on it, retrying until etcd takes both. Returns when the new lease
-        expires unless refreshed."""
+        expires unless refreshed; None (the lease reported lost) when another
+        lease holds the key."""
         log.warning(
             f"{self.kind} lease expired in etcd; granting a new one",
             extra=fields(**self._fields, lease_id=lost_id),
@@ -320,8 +366,13 @@ class LeasedKey:
         while True:
             granted_at = time.monotonic()
             try:
-                await asyncio.wait_for(self._grant_and_put(self.client), self.start_timeout_s)
+                await asyncio.wait_for(
+                    self._grant_and_put(self.client, replacing=lost_id), self.start_timeout_s
+                )
                 break
+            except KeyTaken as exc:
+                self._declare_lost(f"not renewed: {exc}; the rank was relaunched elsewhere")
+                return None
             except Exception as exc:
                 if isinstance(exc, TimeoutError):
                     self._fresh_client()  # its connection may be the one that is dead

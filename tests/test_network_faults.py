@@ -264,6 +264,79 @@ def test_a_rank_host_gone_silently_is_shrunk_away_and_refused_when_it_heals(
             raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
 
 
+def test_a_cut_off_rank_relaunched_elsewhere_does_not_take_the_rank_back_when_it_heals(
+    tmp_path: Path, etcd: str, cluster_name: str
+) -> None:
+    """Rank 1's host is cut off and the rank relaunched elsewhere (as an
+    orchestrator reschedules a pod of an unreachable node): the relaunch is
+    admitted. Then the partition heals. The old process finds its lease gone;
+    before the fix its keepalive put the rank key back on a new lease of its
+    own, taking it from the live process, and revoked it when it stopped:
+    the live rank 1 served on without a key, and its next reconnect (here a
+    blip of its session) was refused ("no key in etcd"), ending a healthy
+    rank. Now the old process leaves the key alone and is refused; the live
+    one keeps its key and survives the blip."""
+    cluster = thread_cluster(
+        tmp_path, etcd, cluster_name, WORLD, *REBIND, proxied=(1,), etcd_proxied=(1,)
+    )
+    with cluster as (coord, ranks):
+        relaunched: TcpProxy | None = None
+        old = ranks[1]
+        try:
+            session, lease = coord.proxies[1], coord.etcd_proxies[1]
+            session.blackhole()
+            lease.blackhole()
+            wait_until(lambda: coord.phase() == "degraded", 10, "the shrink without rank 1")
+            relaunched = TcpProxy(coord.endpoint)
+            ranks[1] = ThreadRank(1, WORLD, relaunched.endpoint, etcd, cluster_name, rejoin=True)
+            ranks[1].start()
+            wait_until(lambda: _serving(coord, [0, 1, 2, 3]), 30, "the relaunch's admission")
+            live = ranks[1].agent
+
+            lease.heal()
+            old_lease = old.agent._lease
+            assert old_lease is not None
+            wait_until(
+                lambda: old_lease.lost.is_set() or old_lease.renewals > 0,
+                10,
+                "the old process to find its lease gone",
+            )
+            session.cut()
+            session.heal()
+            wait_until(lambda: old.agent._fatal is not None, 15, "the old rank 1 to stop")
+            old.stop()  # its lease is revoked: the live key must stay
+            assert live._lease is not None
+            assert _key_lease(etcd, cluster_name, 1) == live._lease.lease_id, "the key was taken"
+            assert old_lease.renewals == 0 and "another lease" in old_lease.lost_reason
+
+            accepted = relaunched.accepted
+            relaunched.cut()  # a blip of the live rank 1's session
+            wait_until(lambda: relaunched.accepted > accepted, 10, "rank 1 to reconnect")
+            wait_until(lambda: _serving(coord, [0, 1, 2, 3]), 10, "rank 1 serving again")
+            _iterating(ranks, 20, 30, "20 iterations on all four")
+            _alive(ranks)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
+        finally:
+            stop_together({**ranks, -1: old})
+            if relaunched is not None:
+                relaunched.close()
+
+
+def _key_lease(etcd: str, cluster: str, rank: int) -> int:
+    """The lease that holds `rank`'s key now (0: no key)."""
+
+    async def read() -> int:
+        client = etcd_keys.new_client(*etcd_keys.split_endpoint(etcd))
+        try:
+            got = await client.get(etcd_keys.rank_key(cluster, rank))
+            return int(got.lease) if got is not None else 0
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
 @pytest.mark.parametrize("direction", ["both", TO_SERVER, TO_CLIENT])
 def test_a_rank_cut_off_from_the_coordinator_only_serves_on_and_is_not_evicted(
     tmp_path: Path, etcd: str, cluster_name: str, direction: str

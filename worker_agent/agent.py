@@ -603,10 +603,12 @@ class WorkerAgent:
             backoff = min(backoff * 2, 2.0)
 
     def _on_lease_lost(self) -> None:
-        # Only a crashed keepalive gets here (a rank's lease is renewed, never
-        # given up). Serving goes on: the coordinator decides whether this
-        # rank is still a member once its lease is gone.
-        log.error("lease keepalive stopped; serving on", extra=fields(rank=self.config.rank))
+        # A rank's lease is renewed, never given up, unless another process
+        # holds the rank's key (a relaunch of this rank, while this one was
+        # cut off), or the keepalive crashed. Serving goes on: the
+        # coordinator decides (it refuses this process's next hello).
+        reason = self._lease.lost_reason if self._lease is not None else ""
+        log.error("lease lost; serving on", extra=fields(rank=self.config.rank, reason=reason))
 
     def _on_lease_renewed(self, lease_id: int) -> None:
         """etcd dropped the lease and the keepalive took a new one: bind the
