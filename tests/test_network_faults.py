@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -37,17 +38,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator import etcd_keys, keepalive
 from coordinator.election import LeaderLease
-from protos.ep_recovery.v1 import admin_pb2
+from protos.ep_recovery.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
 from tests.agent_harness import (
     TO_CLIENT,
     TO_SERVER,
     CoordinatorProcess,
+    RecordingAdapter,
     TcpProxy,
     ThreadRank,
     stop_together,
     thread_cluster,
     wait_until,
 )
+from worker_agent.agent import AgentConfig, WorkerAgent
 
 WORLD = 4
 # Short timings, so each fault plays out in seconds: rank leases of 1 s (the
@@ -424,6 +427,91 @@ def test_a_rank_whose_etcd_connection_died_silently_keeps_its_lease(
             assert (after.epoch, len(after.operations)) == (before.epoch, len(before.operations))
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
+
+
+def test_a_hello_naming_a_lease_the_agent_just_replaced_is_retried_not_fatal(
+    etcd: str, cluster_name: str
+) -> None:
+    """After an etcd outage that took its lease, an agent reconnects while
+    its keepalive replaces the lease: a hello sent with the old lease id can
+    reach the coordinator after the new lease holds the key, and is refused
+    (PERMISSION_DENIED: the hello's lease does not hold the key). That is the
+    agent's own stale hello, not another process holding its rank: it must
+    try again with its new lease, not stop a live rank. A stand-in
+    coordinator plays the race deterministically: it holds the first hello
+    until the agent's lease was replaced, then refuses it."""
+    hellos: list[int] = []
+
+    async def revoke(lease_id: int) -> None:
+        client = etcd_keys.new_client(*etcd_keys.split_endpoint(etcd))
+        try:
+            await client.revoke_lease(lease_id)
+        finally:
+            await client.close()
+
+    class StandIn(worker_pb2_grpc.WorkerServiceServicer):
+        agent: WorkerAgent | None = None
+
+        async def Session(
+            self, request_iterator: object, context: grpc.aio.ServicerContext
+        ) -> None:
+            first = await context.read()
+            hellos.append(first.hello.lease_id)
+            if len(hellos) == 1:
+                await revoke(first.hello.lease_id)  # as an outage would have
+                deadline = time.monotonic() + 10
+                while (
+                    self.agent is None
+                    or self.agent._lease is None
+                    or (self.agent._lease.lease_id == first.hello.lease_id)
+                ):
+                    assert time.monotonic() < deadline, "the agent never renewed its lease"
+                    await asyncio.sleep(0.01)
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"lease {first.hello.lease_id:x} does not hold rank 0's key",
+                )
+            await context.write(
+                worker_pb2.CoordinatorMessage(
+                    welcome=worker_pb2.Welcome(role=worker_pb2.ROLE_MEMBER, progress_interval_ms=50)
+                )
+            )
+            while await context.read() is not grpc.aio.EOF:
+                pass
+
+    servicer = StandIn()
+    loop = asyncio.new_event_loop()
+    server_box: list[grpc.aio.Server] = []
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+        server_box.append(server)
+        server_box.append(server.add_insecure_port("127.0.0.1:0"))  # type: ignore[arg-type]
+        await server.start()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
+    agent: WorkerAgent | None = None
+    try:
+        port = server_box[1]
+        agent = WorkerAgent(
+            AgentConfig(cluster_name, 0, f"127.0.0.1:{port}", etcd, connect_timeout_s=20),
+            RecordingAdapter(0, 1),
+        )
+        servicer.agent = agent
+        agent.start()  # welcomed: the refusal of its stale hello did not end it
+        assert agent._fatal is None and len(hellos) == 2
+        assert agent._lease is not None and hellos[1] == agent._lease.lease_id != hellos[0]
+    finally:
+        if agent is not None:
+            agent.stop()
+        server = server_box[0]
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 # --- a coordinator cut off from etcd -----------------------------------------------------

@@ -166,6 +166,8 @@ class WorkerAgent:
         # The leader the session was opened to (its key's `id`), when found in etcd.
         self._leader_id: str | None = None
         self._lease: RankLease | None = None
+        # The lease the last hello named (see _stale_hello).
+        self._hello_lease: int | None = None
         self._fatal: str | None = None
         self._drained: str | None = None  # the reason, once told to leave
         # Welcomed first as a member: this process founds the cluster's
@@ -543,7 +545,16 @@ class WorkerAgent:
                     session.result()
                     attempt = 0
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() in REFUSAL_CODES:
+                    if self._stale_hello(exc, lease):
+                        # Our hello named the lease we held when the attempt
+                        # began; the keepalive has replaced it since (etcd
+                        # dropped it), and the new one holds the key: a
+                        # refusal of that hello, not of this rank.
+                        log.warning(
+                            "hello named a replaced lease; reconnecting with the new one",
+                            extra=fields(rank=self.config.rank, details=exc.details() or ""),
+                        )
+                    elif exc.code() in REFUSAL_CODES:
                         refused = RegistrationRefused(exc.code(), exc.details() or "")
                         if not self._welcomed.is_set():
                             self._start_error = refused
@@ -553,17 +564,18 @@ class WorkerAgent:
                             log.error("reconnect refused", extra=fields(rank=self.config.rank))
                             self._die(f"coordinator refused the reconnect: {refused}")
                         break
-                    log.log(
-                        logging.WARNING if attempt == 0 else logging.DEBUG,
-                        "session lost, reconnecting",
-                        # The details tell a refused TLS handshake from a dead peer.
-                        extra=fields(
-                            rank=self.config.rank,
-                            code=exc.code().name,
-                            details=(exc.details() or "")[:300],
-                            attempt=attempt,
-                        ),
-                    )
+                    else:
+                        log.log(
+                            logging.WARNING if attempt == 0 else logging.DEBUG,
+                            "session lost, reconnecting",
+                            # The details tell a refused TLS handshake from a dead peer.
+                            extra=fields(
+                                rank=self.config.rank,
+                                code=exc.code().name,
+                                details=(exc.details() or "")[:300],
+                                attempt=attempt,
+                            ),
+                        )
                 except (aetcd.ClientError, TimeoutError, OSError, RuntimeError) as exc:
                     # etcd away (no leader to read), or a coordinator that did
                     # not welcome: the engine serves on; try again.
@@ -581,6 +593,16 @@ class WorkerAgent:
             self._stopping.set()
             with contextlib.suppress(Exception):
                 await lease.stop()
+
+    def _stale_hello(self, exc: grpc.aio.AioRpcError, lease: RankLease) -> bool:
+        """A hello refused because its lease does not hold the rank's key,
+        when the lease this agent holds now is another one (renewed since)."""
+        return (
+            exc.code() == grpc.StatusCode.PERMISSION_DENIED
+            and self._hello_lease is not None
+            and lease.lease_id != self._hello_lease
+            and not lease.lost.is_set()  # not renewed: another process holds the key
+        )
 
     async def _take_lease(self, lease: RankLease) -> None:
         """Start the lease, waiting for an etcd that is down or does not answer
@@ -679,6 +701,7 @@ class WorkerAgent:
         assert self._outbox is not None
         endpoint = await self._coordinator_endpoint(lease)
         lease_id = lease.lease_id
+        self._hello_lease = lease_id
         placement = self.adapter.placement()
         hello = worker_pb2.Hello(
             cluster=self.config.cluster,
