@@ -15,8 +15,13 @@ What they show (docs/faults.md, "Network faults"):
   is found by its lease and the others shrink without it; when the partition
   heals, that process is refused and stops, whether or not it was launched
   with --rejoin; a relaunch rejoins;
+- a cut-off process whose rank was relaunched elsewhere does not take the
+  rank key back from the relaunch when it heals;
 - a rank cut off from the coordinator only serves on, is suspect but never
   evicted for it, and its session resumes when the cut heals;
+- a rank whose one etcd connection died silently keeps its lease, on a new
+  connection; an agent whose hello named a lease it has just replaced tries
+  again rather than stopping;
 - a leader cut off from etcd steps down within its lease, before a standby
   can lead, and stands by once healed; a standby cut off from etcd takes over
   once healed; the ranks serve throughout.
@@ -484,7 +489,8 @@ def test_a_hello_naming_a_lease_the_agent_just_replaced_is_retried_not_fatal(
     server_box: list[grpc.aio.Server] = []
 
     async def serve() -> None:
-        server = grpc.aio.server()
+        # Pinged by the agent like the coordinator is: the same options.
+        server = grpc.aio.server(options=keepalive.server_options(3.0))
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
         server_box.append(server)
         server_box.append(server.add_insecure_port("127.0.0.1:0"))  # type: ignore[arg-type]
@@ -502,8 +508,9 @@ def test_a_hello_naming_a_lease_the_agent_just_replaced_is_retried_not_fatal(
         )
         servicer.agent = agent
         agent.start()  # welcomed: the refusal of its stale hello did not end it
-        assert agent._fatal is None and len(hellos) == 2
-        assert agent._lease is not None and hellos[1] == agent._lease.lease_id != hellos[0]
+        assert agent._fatal is None, agent._fatal
+        assert agent._lease is not None and len(hellos) == 2, hellos
+        assert hellos[1] == agent._lease.lease_id != hellos[0], hellos
     finally:
         if agent is not None:
             agent.stop()
