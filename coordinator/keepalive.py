@@ -6,17 +6,19 @@ flow: none of them ends a TCP connection. Nothing arrives, nothing is
 refused, and without keepalive a gRPC stream waits on it for ever (TCP's own
 keepalive starts after two hours). So both ends ping:
 
-- The agent pings its coordinator every rank lease TTL and drops the session
-  when a ping goes unanswered for another TTL (each at least 1 s): a dead
-  session is noticed within about two lease TTLs, about when the coordinator
-  would see the lease of a dead rank expire. The agent then reconnects (to
+- The agent pings its coordinator every rank lease TTL (at least 1 s) and
+  drops the session when a ping goes unanswered for a TTL, at least
+  MIN_PING_TIMEOUT_S: a dead session is noticed within about three seconds
+  at the default TTL of 1 s, about when the coordinator would see the lease
+  of a dead rank expire and fail it. The agent then reconnects (to
   whichever coordinator the leader key names), for as long as it takes; the
   engine serves on meanwhile. Without this, an agent whose coordinator's
   host vanished waits on the old connection for ever, past a new leader's
   reconnection window.
 - The coordinator pings every session every `lease_rebind_s` / 2 and ends a
-  session whose ping goes unanswered for as long again: a dead session is
-  noticed within `lease_rebind_s` (3 s by default). A rank cut off from the
+  session whose ping goes unanswered for as long again, at least
+  MIN_PING_TIMEOUT_S: a dead session is noticed within about
+  `lease_rebind_s` (3.5 s at the default 3 s). A rank cut off from the
   coordinator but not from etcd (its lease is renewed) is then *suspect*,
   not silently "serving": a suspect member is never declared hung for the
   progress reports that stopped arriving (before, the hang check failed such
@@ -38,7 +40,10 @@ both). So both are set, to the same value.
 
 A ping is an HTTP/2 frame answered by gRPC's core, not by Python code, so a
 busy event loop does not delay the answer; a frozen process (SIGSTOP) does,
-and that is a session worth dropping.
+and that is a session worth dropping. The answer may still wait for a
+thread on a host whose cores are all busy, hence MIN_PING_TIMEOUT_S: a
+session dropped for nothing costs a reconnect, and makes the rank suspect
+meanwhile (a peer's failed step would then convict it).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from typing import Any
 
 # The shortest interval the agents ping at (a lease TTL is at least 1 s).
 MIN_PING_INTERVAL_S = 1.0
+# The shortest time either end waits for a ping's answer.
+MIN_PING_TIMEOUT_S = 2.0
 # The server accepts pings this often: under the agents' interval, with room
 # for timer jitter.
 SERVER_MIN_PING_INTERVAL_MS = 500
@@ -54,12 +61,14 @@ SERVER_MIN_PING_INTERVAL_MS = 500
 
 def client_options(lease_ttl_s: float) -> list[tuple[str, Any]]:
     """A rank's session channel: ping every lease TTL, give up on a ping
-    after another TTL (at least `MIN_PING_INTERVAL_S` each)."""
+    after another TTL (at least `MIN_PING_INTERVAL_S` and
+    `MIN_PING_TIMEOUT_S`)."""
     interval_ms = int(1000 * max(MIN_PING_INTERVAL_S, lease_ttl_s))
+    timeout_ms = int(1000 * max(MIN_PING_TIMEOUT_S, lease_ttl_s))
     return [
         ("grpc.keepalive_time_ms", interval_ms),
-        ("grpc.keepalive_timeout_ms", interval_ms),
-        ("grpc.http2.ping_timeout_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
         # Pings while the coordinator sends nothing (steady state), for ever.
         ("grpc.http2.max_pings_without_data", 0),
         # A lost session is reopened at once, not after gRPC's default backoff
@@ -72,13 +81,14 @@ def client_options(lease_ttl_s: float) -> list[tuple[str, Any]]:
 
 def server_options(lease_rebind_s: float) -> list[tuple[str, Any]]:
     """The coordinator's gRPC server: ping every session every
-    `lease_rebind_s` / 2, end it after as long again without an answer; and
-    accept the agents' own pings."""
+    `lease_rebind_s` / 2, end it after as long again without an answer (at
+    least `MIN_PING_TIMEOUT_S`); and accept the agents' own pings."""
     half_ms = max(250, int(500 * lease_rebind_s))
+    timeout_ms = max(int(1000 * MIN_PING_TIMEOUT_S), half_ms)
     return [
         ("grpc.keepalive_time_ms", half_ms),
-        ("grpc.keepalive_timeout_ms", half_ms),
-        ("grpc.http2.ping_timeout_ms", half_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
         # 0: no limit to pings that come sooner (they are not misbehaviour).
         ("grpc.http2.max_ping_strikes", 0),

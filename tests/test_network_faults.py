@@ -60,9 +60,11 @@ from worker_agent.agent import AgentConfig, WorkerAgent
 WORLD = 4
 # Short timings, so each fault plays out in seconds: rank leases of 1 s (the
 # agents' default), 1 s to bind a new lease (the coordinator's sessions are
-# pinged every 0.5 s), a hang found after 3 s.
+# pinged every 0.5 s, and one whose ping goes unanswered for 2 s is ended), a
+# hang found after 5 s.
 REBIND = ("--lease-rebind-s", "1")
-HANG = ("--hang-timeout-s", "3")
+HANG_TIMEOUT_S = 5.0
+HANG = ("--hang-timeout-s", str(HANG_TIMEOUT_S))
 
 
 def _state(coord: CoordinatorProcess, rank: int) -> int:
@@ -138,13 +140,14 @@ async def _blackholed_call(options: list[tuple[str, object]], limit_s: float) ->
         await server.stop(0)
 
 
-def test_a_blackholed_session_is_dropped_within_two_lease_ttls() -> None:
+def test_a_blackholed_session_is_dropped_within_seconds() -> None:
     """The agents' channel options (rank lease TTL 1 s): a session whose
-    coordinator went silent fails within about two TTLs. gRPC core 1.85 does
-    not enforce `keepalive_timeout_ms` by itself: without the ping timeout
-    the same call failed only after a minute."""
+    coordinator went silent fails within the ping interval (1 s) and the
+    ping timeout (2 s). gRPC core 1.85 does not enforce `keepalive_timeout_ms`
+    by itself: without the ping timeout the same call failed only after a
+    minute."""
     took = asyncio.run(_blackholed_call(keepalive.client_options(1), 10.0))
-    assert took < 3.5, f"the blackholed session failed only after {took:.1f} s"
+    assert took < 4.5, f"the blackholed session failed only after {took:.1f} s"
 
 
 def test_the_etcd_channel_options_find_a_dead_connection_within_the_ping_timeout() -> None:
@@ -352,8 +355,8 @@ def test_a_rank_cut_off_from_the_coordinator_only_serves_on_and_is_not_evicted(
     """Only rank 1's session is cut (both ways, or one way: its messages or
     the coordinator's stalled): its lease is renewed and its peers reach it.
     Both ends notice the silent session (keepalive), so the coordinator holds
-    it suspect, not serving with no progress: for twice the hang timeout it
-    is not declared hung (before, it was, after the hang timeout), nobody
+    it suspect, not serving with no progress: past the hang timeout it is
+    not declared hung (before, it was, after the hang timeout), nobody
     fails, and it serves throughout. Healed, its session resumes: same
     epoch, same members, no operation ran."""
     cluster = thread_cluster(tmp_path, etcd, cluster_name, WORLD, *REBIND, *HANG, proxied=(1,))
@@ -366,12 +369,12 @@ def test_a_rank_cut_off_from_the_coordinator_only_serves_on_and_is_not_evicted(
                 proxy.blackhole()
             else:
                 proxy.stall(direction)
-            # For twice the hang timeout: nobody fails, everyone serves. The
+            # Past the hang timeout: nobody fails, everyone serves. The
             # coordinator drops the silent session (rank 1 is suspect) and
-            # rank 1 tries new sessions, both within about a second.
+            # rank 1 tries new sessions, both within about three seconds.
             suspect_after: float | None = None
             started = time.monotonic()
-            while time.monotonic() < started + 2 * 3.0:
+            while time.monotonic() < started + HANG_TIMEOUT_S + 3:
                 status = coord.status()
                 assert list(status.members) == [0, 1, 2, 3] and not status.failures, (
                     f"members {list(status.members)}, failures "
@@ -381,7 +384,7 @@ def test_a_rank_cut_off_from_the_coordinator_only_serves_on_and_is_not_evicted(
                     suspect_after = time.monotonic() - started
                 _alive(ranks)
                 time.sleep(0.1)
-            assert suspect_after is not None and suspect_after < 3, (
+            assert suspect_after is not None and suspect_after < 4, (
                 f"the coordinator held rank 1's silent session for {suspect_after} s"
             )
             assert _state(coord, 1) == admin_pb2.RANK_STATE_SUSPECT
