@@ -16,12 +16,25 @@ then depends on what the key stands for:
   extends every lease when it elects a leader), and a lease it dropped is
   replaced: a new lease is granted, the key put on it, and `on_renewed` hears
   the new lease id, for the holder to bind its session to it. Whether the rank
-  stays a member is the coordinator's decision, not the lease's.
+  stays a member is the coordinator's decision, not the lease's. The key is
+  put back only if it is gone or still on the lost lease: one that another
+  lease holds belongs to a relaunch of the rank (this process was cut off
+  meanwhile), and taking it would leave the live process without its key
+  once this one stops. The lease is then reported lost, for good.
 
 Short of a loss, the keepalive reports whether etcd answers it: a refresh that
 failed, or went unanswered for UNANSWERED_S, makes `refresh_problem` non-empty
 until one gets through, and `refresh_listeners` hear each change (the
 leader's gRPC health turns NOT_SERVING meanwhile).
+
+A refresh still unanswered after a third of the TTL (at most UNANSWERED_S)
+is sent again on a new connection, the first one staying outstanding:
+whichever answers first counts. A TCP connection can die without a reset (a
+NAT or firewall that dropped its state, a peer that vanished) while a new one
+to the same etcd works, and gRPC notices a dead connection only after its
+keepalive ping goes unanswered, seconds after a rank's lease has expired:
+without this, a healthy rank whose one connection to etcd went silent was
+evicted (tests/test_network_faults.py).
 """
 
 from __future__ import annotations
@@ -50,6 +63,10 @@ REVOKE_TIMEOUT_S = 2.0
 # means etcd is not answering in time. It is reported, not given up on: it
 # may still save the lease until the TTL runs out.
 UNANSWERED_S = 1.0
+
+
+class KeyTaken(Exception):
+    """Another lease holds the key: a renewal does not take it."""
 
 
 class LeasedKey:
@@ -103,6 +120,10 @@ class LeasedKey:
         self._granted_ttl = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Clients replaced by a fresh connection, closed once their last call ended.
+        self._retired: list[aetcd.Client] = []
+        self._closing: set[asyncio.Task[None]] = set()
+        self.reconnects = 0  # fresh connections opened for an unanswered refresh
 
     # --- properties -----------------------------------------------------------
 
@@ -155,14 +176,48 @@ class LeasedKey:
             extra=fields(**self._fields, lease_id=self._lease_id, ttl=self.ttl),
         )
 
-    async def _grant_and_put(self, client: aetcd.Client) -> None:
+    async def _grant_and_put(self, client: aetcd.Client, replacing: int | None = None) -> None:
+        """Grant a lease and put the key on it; `replacing`: the lost lease a
+        renewal replaces (KeyTaken, and the new lease revoked, when another
+        lease holds the key)."""
         lease = await client.lease(self.requested_ttl)
         self._lease_id = int(lease.id)
         self._granted_ttl = int(lease.ttl)
         self._value.update(lease_id=self._lease_id)
         self._value.setdefault("pid", os.getpid())
         self._value.setdefault("host", socket.gethostname())
-        await self._claim(client, int(lease.id), etcd_keys.encode_rank_value(self._value))
+        value = etcd_keys.encode_rank_value(self._value)
+        if replacing is None:
+            await self._claim(client, int(lease.id), value)
+            return
+        try:
+            await self._reclaim(client, int(lease.id), value, replacing)
+        except KeyTaken:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.revoke_lease(int(lease.id)), REVOKE_TIMEOUT_S)
+            self._lease_id = replacing
+            self._value.update(lease_id=replacing)
+            raise
+
+    async def _reclaim(self, client: aetcd.Client, lease_id: int, value: bytes, lost: int) -> None:
+        """Put the key on a new lease in place of the `lost` one, only while
+        the key is gone or still on the lost lease (etcd compares cannot name
+        a key's lease: the key's revision as read is compared instead)."""
+        txn = client.transactions
+        for _ in range(5):  # each try loses only to a concurrent change of the key
+            got = await client.get(self.key)
+            if got is None:
+                compare = [txn.create(self.key) == 0]
+            elif int(got.lease) == lost:
+                compare = [txn.mod(self.key) == int(got.mod_revision)]
+            else:
+                raise KeyTaken(f"the key is held by another lease ({int(got.lease):x})")
+            written, _ = await client.transaction(
+                compare=compare, success=[txn.put(self.key, value, lease=lease_id)], failure=[]
+            )
+            if written:
+                return
+        raise aetcd.ClientError("the key kept changing while the lease was renewed")
 
     async def _claim(self, client: aetcd.Client, lease_id: int, value: bytes) -> None:
         """Put the key on the lease; a subclass may refuse (raise) instead."""
@@ -187,6 +242,7 @@ class LeasedKey:
 
     async def _release(self) -> None:
         client, self._client = self._client, None
+        self._close_retired()
         if client is None:
             return
         # Revoked even after a loss: when the loss was "no refresh got through",
@@ -221,7 +277,6 @@ class LeasedKey:
 
     async def _refresh_until_lost(self, expires_at: float) -> None:
         assert self._client is not None and self._lease_id is not None
-        client = self._client
         interval = self._granted_ttl / 3
         next_at = time.monotonic() + interval
         failures = 0
@@ -249,7 +304,7 @@ class LeasedKey:
             try:
                 # Bounded by the TTL left: a refresh answered later than that
                 # cannot save the lease anyway.
-                reply = await self._refresh(client, lease_id, left)
+                reply = await self._refresh(self.client, lease_id, left)
                 if reply is None:
                     raise aetcd.ClientError("keepalive stream closed without a reply")
             except Exception as exc:
@@ -269,12 +324,20 @@ class LeasedKey:
                 )
                 self._report_refresh(f"lease refresh failed: {exc!r}")
                 next_at = time.monotonic() + min(interval, RETRY_INTERVAL_S * 2 ** min(failures, 4))
+                if not self.renews:
+                    # The lease is lost when it expires, not a retry later:
+                    # etcd may drop it then, and a standby lead, while this
+                    # holder, asleep in its backoff, still believed it led.
+                    next_at = min(next_at, expires_at)
                 continue
             if reply.TTL <= 0:
                 if not self.renews:
                     self._declare_lost("etcd says the lease expired (refresh returned TTL 0)")
                     return
-                expires_at = await self._renew(client, lease_id)
+                renewed_until = await self._renew(lease_id)
+                if renewed_until is None:
+                    return
+                expires_at = renewed_until
                 sent_at = expires_at - self._granted_ttl
             else:
                 # The lease runs from when etcd handled the refresh, which is
@@ -290,10 +353,11 @@ class LeasedKey:
             self._report_refresh("")
             next_at = sent_at + interval
 
-    async def _renew(self, client: aetcd.Client, lost_id: int) -> float:
+    async def _renew(self, lost_id: int) -> float | None:
         """Replace a lease etcd no longer has: grant a new one and put the key
         on it, retrying until etcd takes both. Returns when the new lease
-        expires unless refreshed."""
+        expires unless refreshed; None (the lease reported lost) when another
+        lease holds the key."""
         log.warning(
             f"{self.kind} lease expired in etcd; granting a new one",
             extra=fields(**self._fields, lease_id=lost_id),
@@ -302,9 +366,16 @@ class LeasedKey:
         while True:
             granted_at = time.monotonic()
             try:
-                await asyncio.wait_for(self._grant_and_put(client), self.start_timeout_s)
+                await asyncio.wait_for(
+                    self._grant_and_put(self.client, replacing=lost_id), self.start_timeout_s
+                )
                 break
+            except KeyTaken as exc:
+                self._declare_lost(f"not renewed: {exc}; the rank was relaunched elsewhere")
+                return None
             except Exception as exc:
+                if isinstance(exc, TimeoutError):
+                    self._fresh_client()  # its connection may be the one that is dead
                 log.warning(
                     f"{self.kind} lease renewal failed, retrying",
                     extra=fields(**self._fields, error=repr(exc), retry_in_s=backoff),
@@ -324,24 +395,77 @@ class LeasedKey:
         return granted_at + self._granted_ttl
 
     async def _refresh(self, client: aetcd.Client, lease_id: int, left: float) -> Any:
-        """One refresh, waited for up to `left` seconds; one still unanswered
-        after UNANSWERED_S is reported meanwhile."""
-        refresh = asyncio.ensure_future(client.refresh_lease(lease_id))
+        """One refresh, waited for up to `left` seconds. Still unanswered
+        after a third of the TTL (at most UNANSWERED_S), it is sent again on a
+        fresh connection while the first stays outstanding, and whichever
+        answers first counts; unanswered after UNANSWERED_S, it is reported
+        meanwhile."""
+        started = time.monotonic()
+        deadline = started + left
+        retry_at = started + min(UNANSWERED_S, self._granted_ttl / 3)
+        report_at = started + UNANSWERED_S
+        retried = reported = False
+        attempts = {asyncio.ensure_future(client.refresh_lease(lease_id))}
+        error: BaseException | None = None
         try:
-            done, _ = await asyncio.wait({refresh}, timeout=min(left, UNANSWERED_S))
-            if done:
-                return refresh.result()
-            if left <= UNANSWERED_S:
-                raise TimeoutError(f"no answer within the {left:.3f} s the lease had left")
-            log.warning(
-                f"{self.kind} lease refresh unanswered",
-                extra=fields(**self._fields, lease_id=lease_id, waited_s=UNANSWERED_S),
-            )
-            self._report_refresh(f"etcd has not answered a lease refresh for {UNANSWERED_S} s")
-            return await asyncio.wait_for(refresh, left - UNANSWERED_S)
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError(f"no answer within the {left:.3f} s the lease had left")
+                wake = min(
+                    deadline,
+                    retry_at if not retried else deadline,
+                    report_at if not reported else deadline,
+                )
+                done, attempts = await asyncio.wait(
+                    attempts, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED
+                )
+                for attempt in done:
+                    if attempt.exception() is None:
+                        return attempt.result()
+                    error = attempt.exception()
+                if not attempts:
+                    assert error is not None
+                    raise error  # every connection refused it: not a silence
+                now = time.monotonic()
+                if not reported and now >= report_at:
+                    reported = True
+                    log.warning(
+                        f"{self.kind} lease refresh unanswered",
+                        extra=fields(**self._fields, lease_id=lease_id, waited_s=UNANSWERED_S),
+                    )
+                    self._report_refresh(
+                        f"etcd has not answered a lease refresh for {UNANSWERED_S} s"
+                    )
+                if not retried and now >= retry_at:
+                    retried = True
+                    fresh = self._fresh_client()
+                    attempts.add(asyncio.ensure_future(fresh.refresh_lease(lease_id)))
         finally:
-            if not refresh.done():
-                refresh.cancel()
+            for attempt in attempts:
+                attempt.cancel()
+            self._close_retired()
+
+    def _fresh_client(self) -> aetcd.Client:
+        """Move to a new connection to etcd (the old client is closed once its
+        calls are done): the one in use may have died without a reset."""
+        old = self._client
+        self._client = etcd_keys.new_client(self.host, self.port, access=self.access)
+        self.reconnects += 1
+        if old is not None:
+            self._retired.append(old)
+        log.warning(
+            f"{self.kind} lease: etcd does not answer on this connection; trying a new one",
+            extra=fields(**self._fields, lease_id=self._lease_id, reconnects=self.reconnects),
+        )
+        return self._client
+
+    def _close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for client in retired:
+            task = asyncio.ensure_future(_close_quietly(client))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _report_refresh(self, problem: str) -> None:
         """Record whether etcd answers the refreshes ("" when it does); tell
@@ -374,3 +498,8 @@ class LeasedKey:
                 self._on_lost()
             except Exception:
                 log.exception("on_lost callback failed", extra=fields(**self._fields))
+
+
+async def _close_quietly(client: aetcd.Client) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.close(), REVOKE_TIMEOUT_S)

@@ -33,7 +33,7 @@ import grpc
 import torch.distributed as dist
 from grpc_health.v1 import health as grpc_health
 
-from coordinator import etcd_keys, security
+from coordinator import etcd_keys, keepalive, security
 from coordinator import state_machine as sm
 from coordinator.cluster_store import ClusterStore, StaleWrite
 from coordinator.config import CoordinatorConfig, is_loopback, split_host_port
@@ -791,7 +791,9 @@ async def _lead(
     )
     server = grpc.aio.server(
         interceptors=[*([admin_auth] if admin_auth is not None else []), wire_guard],
-        options=MESSAGE_SIZE_OPTIONS,
+        # Sessions whose rank went silent are ended; the agents' pings are
+        # welcome. Messages up to the largest legitimate one (protos/limits.py).
+        options=[*MESSAGE_SIZE_OPTIONS, *keepalive.server_options(config.lease_rebind_s)],
     )
     health = add_services(server, coordinator)
     try:

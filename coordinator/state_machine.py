@@ -612,6 +612,9 @@ class ClusterRecord:
     # (rank, incarnation) of each live member: a new leader recognises a
     # member that reconnects even when an etcd outage took its key.
     incarnations: tuple[tuple[int, str], ...] = ()
+    # (rank, incarnation) of the last process of each rank that was removed
+    # from the members (failed): it never comes back, whatever it says.
+    removed: tuple[tuple[int, str], ...] = ()
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -656,6 +659,7 @@ class ClusterRecord:
                 auto_rejoin=bool(d.get("auto_rejoin", True)),
                 drained=tuple(int(r) for r in d.get("drained", ())),
                 incarnations=tuple((int(r), str(i)) for r, i in d.get("incarnations", ())),
+                removed=tuple((int(r), str(i)) for r, i in d.get("removed", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"unreadable cluster record: {exc!r}") from exc
@@ -799,6 +803,12 @@ class RecoveryStateMachine:
         # Processes of members (and joiners) of a cluster that was lost: never
         # founders of the next formation (see _cluster_lost).
         self._lost_incarnations: set[str] = set()
+        # Per rank, the process (incarnation) last removed from the members:
+        # a removed process that reconnects (a partition healed, a frozen
+        # process thawed) is refused, also when it was launched with
+        # --rejoin, which would otherwise admit it as a joiner. Persisted, so
+        # a new leader refuses it too. One per rank: bounded by the world.
+        self.removed: dict[int, str] = {}
 
     # --- public -------------------------------------------------------------
 
@@ -863,6 +873,7 @@ class RecoveryStateMachine:
                 and not view.failed
                 and r not in self.joiners
             ),
+            removed=tuple(sorted(self.removed.items())),
         )
 
     def restore(
@@ -897,6 +908,7 @@ class RecoveryStateMachine:
         self._next_command_id = max(self._next_command_id, record.next_command_id)
         self.auto_rejoin = record.auto_rejoin  # an operator's choice outlives a restart
         self.drained = set(record.drained)
+        self.removed = dict(record.removed)
         self.phase = record.phase
         self._reconnect_until = now + self.reconnect_window_s
         live_members = dict(record.incarnations)
@@ -917,6 +929,8 @@ class RecoveryStateMachine:
                     if key is not None
                     else "lease gone while no coordinator ran"
                 )
+                if rank in live_members:
+                    self.removed[rank] = live_members[rank]
                 self.ranks[rank] = RankView(failed=True)
                 self._emit(RankFailed(rank, reason, None, now))
                 continue
@@ -1006,6 +1020,18 @@ class RecoveryStateMachine:
                 Code.FAILED_PRECONDITION,
                 f"rank {ev.rank}'s process served the cluster that was lost; relaunch it "
                 "(with or without --rejoin) to form the cluster again",
+            )
+        if self.removed.get(ev.rank) == ev.incarnation:
+            # A member this coordinator (or one before it) failed: it was
+            # cut off (a partition, a freeze) and comes back now. The cluster
+            # went on without it, and its engine's state is not a fresh
+            # joiner's: it stops, and a relaunch rejoins.
+            return self._refuse_hello(
+                ev,
+                Code.FAILED_PRECONDITION,
+                f"rank {ev.rank}'s process {ev.incarnation} was removed from cluster "
+                f"{self.cluster!r}; it may not serve again: relaunch rank {ev.rank} "
+                "with --rejoin",
             )
         view = self.ranks.get(ev.rank)
         if ev.rank in self.drained and view and view.incarnation == ev.incarnation:
@@ -1293,6 +1319,8 @@ class RecoveryStateMachine:
         view = self.ranks.setdefault(rank, RankView())
         if view.failed:
             return False
+        if rank in self.members and rank not in self.joiners and view.incarnation:
+            self.removed[rank] = view.incarnation
         view.failed = True
         view.ready = False
         self._emit(RankFailed(rank, reason, view.suspected_at, self._now))

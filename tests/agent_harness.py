@@ -308,7 +308,9 @@ class CoordinatorProcess:
     ):
         self.tls = tls or ClientTls()
         self.token = token
+        # Per rank: its proxy to this coordinator, and to etcd (thread_cluster).
         self.proxies: dict[int, TcpProxy] = {}
+        self.etcd_proxies: dict[int, TcpProxy] = {}
         self.ready_file = workdir / f"{cluster}-coordinator.json"
         self.log = (workdir / f"{cluster}-coordinator.log").open("w")
         argv = [
@@ -378,9 +380,57 @@ class CoordinatorProcess:
         self.log.close()
 
 
+TO_SERVER = "to_server"
+TO_CLIENT = "to_client"
+
+
+class _Link:
+    """One proxied connection: the client's socket, the upstream one (made
+    once traffic towards the server may flow), and a gate per direction."""
+
+    def __init__(self, client: socket.socket, to_server: bool, to_client: bool) -> None:
+        self.client = client
+        self.upstream: socket.socket | None = None
+        self.gates = {TO_SERVER: threading.Event(), TO_CLIENT: threading.Event()}
+        if to_server:
+            self.gates[TO_SERVER].set()
+        if to_client:
+            self.gates[TO_CLIENT].set()
+
+    def sockets(self) -> list[socket.socket]:
+        return [s for s in (self.client, self.upstream) if s is not None]
+
+
 class TcpProxy:
-    """A loopback TCP forwarder whose connections a test can cut, as a network
-    blip does: the peers see a reset, new connections go through again."""
+    """A loopback TCP forwarder in front of one server (the coordinator's
+    gRPC port, etcd), whose traffic a test controls:
+
+    - `cut()`: the open connections are shut down, as a network blip or a
+      rebooted peer does: both ends see the connection end at once (FIN/RST);
+      new connections go through.
+    - `blackhole()`: nothing is forwarded any more, either way, on the open
+      connections and on new ones, and no connection is ended: no RST, no FIN.
+      This is a host that vanished or a firewall that drops packets. Both
+      ends keep their sockets open and their writes are accepted until the
+      socket buffers fill. A new connection completes its TCP handshake with
+      this proxy (the kernel accepts it) but reaches nothing: the server
+      never hears of it. `existing_only=True` blackholes only the
+      connections open now (a NAT or conntrack entry that was dropped): new
+      connections go through.
+    - `stall(direction)`: the same, one way only (TO_SERVER or TO_CLIENT):
+      e.g. the server's pings reach the client but its answers never return.
+    - `heal()`: everything held is delivered, in order, and forwarding goes
+      on, as TCP's retransmissions deliver it after a partition heals. A
+      connection the client gave up on meanwhile reaches the server then
+      (and its FIN after it), as its late packets would.
+
+    Bytes are held, never dropped: a healed connection is intact, so what the
+    peers see is exactly a silent pause of the given length. Unlike a real
+    partition, the client's kernel sees its bytes acknowledged (by the
+    proxy's), so TCP-level timeouts (keepalive probes, TCP_USER_TIMEOUT)
+    never fire: only what the application does (gRPC keepalive pings, call
+    deadlines) can notice the silence.
+    """
 
     def __init__(self, target: str) -> None:
         host, _, port = target.rpartition(":")
@@ -388,9 +438,18 @@ class TcpProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
-        self._open: list[socket.socket] = []
+        self._links: list[_Link] = []
+        # What new connections get.
+        self._flowing = {TO_SERVER: True, TO_CLIENT: True}
+        self._closed = False
         self.accepted = 0
         threading.Thread(target=self._accept, name="proxy", daemon=True).start()
+
+    @property
+    def links(self) -> int:
+        """Connections open through the proxy (held ones included)."""
+        with self._lock:
+            return len(self._links)
 
     def _accept(self) -> None:
         while True:
@@ -398,31 +457,107 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            upstream = socket.create_connection(self._target)
             with self._lock:
-                self._open += [client, upstream]
+                if self._closed:
+                    client.close()
+                    return
+                link = _Link(client, self._flowing[TO_SERVER], self._flowing[TO_CLIENT])
+                self._links.append(link)
                 self.accepted += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._connect, args=(link,), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _connect(self, link: _Link) -> None:
+        # Held while nothing may reach the server: it never hears of this
+        # connection (a SYN dropped on the way), until the proxy heals.
+        if not self._wait(link.gates[TO_SERVER]):
+            return
+        try:
+            upstream = socket.create_connection(self._target, timeout=5)
+            upstream.settimeout(None)
+        except OSError:
+            self._drop(link)  # the server is down: the client sees its end
+            return
+        with self._lock:
+            if self._closed or link not in self._links:
+                upstream.close()
+                return
+            link.upstream = upstream
+        for src, dst, direction in (
+            (link.client, upstream, TO_SERVER),
+            (upstream, link.client, TO_CLIENT),
+        ):
+            threading.Thread(
+                target=self._pump, args=(link, src, dst, link.gates[direction]), daemon=True
+            ).start()
+
+    def _wait(self, gate: threading.Event) -> bool:
+        """Until `gate` opens; False once the proxy is closed."""
+        while not gate.wait(0.05):
+            if self._closed:
+                return False
+        return not self._closed
+
+    def _pump(
+        self, link: _Link, src: socket.socket, dst: socket.socket, gate: threading.Event
+    ) -> None:
         with contextlib.suppress(OSError):
-            while data := src.recv(65536):
+            while self._wait(gate):
+                data = src.recv(65536)
+                # Read just before the gate closed: held here, not dropped;
+                # an end of stream is held the same way.
+                if not self._wait(gate):
+                    return
+                if not data:
+                    break
                 dst.sendall(data)
-        for s in (src, dst):
+        self._drop(link)
+
+    def _drop(self, link: _Link) -> None:
+        with self._lock:
+            if link in self._links:
+                self._links.remove(link)
+        for s in link.sockets():
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def _set(self, to_server: bool, to_client: bool, existing_only: bool = False) -> None:
+        with self._lock:
+            if not existing_only:
+                self._flowing = {TO_SERVER: to_server, TO_CLIENT: to_client}
+            links = list(self._links)
+        for link in links:
+            for direction, flowing in ((TO_SERVER, to_server), (TO_CLIENT, to_client)):
+                if flowing:
+                    link.gates[direction].set()
+                else:
+                    link.gates[direction].clear()
+
+    def blackhole(self, existing_only: bool = False) -> None:
+        self._set(False, False, existing_only)
+
+    def stall(self, direction: str) -> None:
+        if direction not in (TO_SERVER, TO_CLIENT):
+            raise ValueError(f"direction must be {TO_SERVER!r} or {TO_CLIENT!r}: {direction!r}")
+        self._set(direction != TO_SERVER, direction != TO_CLIENT)
+
+    def heal(self) -> None:
+        self._set(True, True)
 
     def cut(self) -> None:
         with self._lock:
-            conns, self._open = self._open, []
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
+            links, self._links = self._links, []
+        for link in links:
+            for s in link.sockets():
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            for gate in link.gates.values():
+                gate.set()  # a pump holding bytes finds its sockets closed
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self._listener.close()
         self.cut()
 
@@ -435,12 +570,14 @@ def thread_cluster(
     world_size: int,
     *coordinator_args: str,
     proxied: tuple[int, ...] = (),
+    etcd_proxied: tuple[int, ...] = (),
     agent_options: Callable[[int], Mapping[str, Any]] | None = None,
     tls: ClientTls | None = None,
     token: str = "",
 ) -> Iterator[tuple[CoordinatorProcess, dict[int, ThreadRank]]]:
     """A coordinator process and `world_size` thread ranks; the `proxied` ranks
-    reach the coordinator through a TcpProxy, found in `coord.proxies`.
+    reach the coordinator through a TcpProxy, found in `coord.proxies`, the
+    `etcd_proxied` ranks reach etcd through one, in `coord.etcd_proxies`.
     `agent_options(rank)`: more AgentConfig fields of each rank; `tls` and
     `token`: how the test's admin stub connects."""
     # A work pending on a departed peer keeps its group's destructor waiting for
@@ -456,15 +593,19 @@ def thread_cluster(
             if rank in proxied:
                 coord.proxies[rank] = TcpProxy(coord.endpoint)
                 endpoint = coord.proxies[rank].endpoint
+            rank_etcd = etcd
+            if rank in etcd_proxied:
+                coord.etcd_proxies[rank] = TcpProxy(etcd)
+                rank_etcd = coord.etcd_proxies[rank].endpoint
             options = agent_options(rank) if agent_options is not None else None
             ranks[rank] = ThreadRank(
-                rank, world_size, endpoint, etcd, cluster, agent_options=options
+                rank, world_size, endpoint, rank_etcd, cluster, agent_options=options
             ).start()
         wait_until(lambda: coord.phase() == "steady", 30, "the cluster to form")
         yield coord, ranks
     finally:
         stop_together(ranks)
-        for proxy in coord.proxies.values():
+        for proxy in (*coord.proxies.values(), *coord.etcd_proxies.values()):
             proxy.close()
         coord.stop()
 

@@ -306,6 +306,52 @@ def test_rank_lease_revoked_behind_its_back_is_renewed_once(etcd: str, cluster_n
     print(f"revoked behind its back -> renewed: {took:.3f}s")
 
 
+def test_a_renewal_never_takes_the_key_of_a_relaunch(etcd: str, cluster_name: str) -> None:
+    """Rank 1's old process lost its lease (cut off from etcd) and was
+    relaunched: the new process holds the rank key on its own lease. When
+    the old one's keepalive finds its lease gone, it must not put the key
+    back on a new lease: that took the rank from the live process, and once
+    the old one stopped (revoking its lease) the live rank had no key, so its
+    next reconnect was refused. The old lease is reported lost instead (the
+    coordinator refuses that process anyway); the live one keeps the key."""
+
+    async def body() -> None:
+        host, port = etcd_keys.split_endpoint(etcd)
+        lost: list[float] = []
+        old = RankLease(
+            host,
+            port,
+            cluster_name,
+            1,
+            ttl=TTL,
+            value={"incarnation": "old"},
+            on_lost=lambda: lost.append(time.monotonic()),
+        )
+        await old.start()
+        new = RankLease(host, port, cluster_name, 1, ttl=TTL, value={"incarnation": "new"})
+        client = client_for(etcd)
+        try:
+            await new.start()  # the relaunch: its key replaces the old one's
+            await client.revoke_lease(old.lease_id)  # as expiry would
+            await until(lambda: old.lost.is_set() or old.renewals > 0, TTL + 2, "the old lease")
+            await asyncio.sleep(TTL / 2)
+            got = await client.get(etcd_keys.rank_key(cluster_name, 1))
+            assert got is not None
+            value = etcd_keys.decode_rank_value(bytes(got.value)) or {}
+            assert (int(got.lease), value["incarnation"]) == (new.lease_id, "new")
+            assert old.lost.is_set() and old.renewals == 0 and len(lost) == 1
+            assert "held by another lease" in old.lost_reason
+            await old.stop()  # revokes: the live key stays
+            got = await client.get(etcd_keys.rank_key(cluster_name, 1))
+            assert got is not None and int(got.lease) == new.lease_id
+        finally:
+            await old.stop()
+            await new.stop()
+            await client.close()
+
+    run(body())
+
+
 def test_leader_lease_revoked_behind_its_back_is_reported_lost_once(
     etcd: str, cluster_name: str
 ) -> None:

@@ -1069,6 +1069,58 @@ def test_a_drained_process_reconnecting_is_refused() -> None:
     assert d.machine.rank_state(1) == "drained" and not of_type(out, RankFailed)
 
 
+def test_a_removed_member_that_comes_back_with_rejoin_is_refused_not_readmitted() -> None:
+    # Rank 1 is a relaunched process (--rejoin), admitted. Then it is cut off
+    # (its session and its lease go silent, a partition) and the others
+    # shrink without it. When the partition heals, that same process
+    # reconnects, still with --rejoin and its lease renewed: it must be
+    # refused (its agent stops), not admitted again as if it were a fresh
+    # relaunch. A relaunch (a new incarnation) is admitted; and a coordinator
+    # that takes over later refuses the removed process too.
+    d = Driver(4)
+    d.form()
+    d.shrink(d.kill(1), lambda s: 7)
+    d.grow(1)
+    removed = d.incarnations[1]
+    assert d.machine.members == (0, 1, 2, 3)
+    out = d.handle(LeaseExpired(1, d.leases[1]))  # session still open: suspect
+    for _ in range(int(DEFAULT_LEASE_REBIND_S / 0.01) + 2):
+        out += d.handle(Tick())
+    assert [f.reason for f in of_type(out, RankFailed)] == [
+        f"lease expired and no new lease within {DEFAULT_LEASE_REBIND_S:g} s"
+    ]
+    d.shrink(out, lambda s: 9)
+    assert d.machine.members == (0, 2, 3) and d.persisted.removed == ((1, removed),)
+
+    out = d.register(1, rejoin=True, incarnation=removed)
+    [refused] = of_type(out, Refuse)
+    assert refused.code == Code.FAILED_PRECONDITION and refused.end_session
+    assert "was removed" in refused.message and "relaunch rank 1" in refused.message
+    assert not of_type(out, Accept) and 1 not in d.machine.joiners
+
+    _take_over(d, [0, 2, 3])
+    for r in (0, 2, 3):
+        d.register(r, incarnation=d.incarnations[r])
+    out = d.register(1, rejoin=True, incarnation=removed)
+    assert of_type(out, Refuse) and not of_type(out, Accept)
+    d.grow(1)  # a relaunch: a new incarnation
+    assert d.machine.members == (0, 1, 2, 3)
+
+
+def test_a_joiner_whose_session_blipped_before_admission_may_register_again() -> None:
+    # Only members are removed for good: a joiner that lost its session
+    # before it was admitted served nobody, and comes back as a joiner.
+    d = Driver(4)
+    d.form()
+    d.shrink(d.kill(3), lambda s: 7)
+    d.register(3, rejoin=True)
+    joiner = d.incarnations[3]
+    d.handle(SessionClosed(3, d.sessions[3]))
+    out = d.register(3, rejoin=True, incarnation=joiner)
+    assert [(a.rank, a.role) for a in of_type(out, Accept)] == [(3, Role.JOINER)]
+    assert d.machine.removed.get(3) != joiner  # only the member it replaced
+
+
 def test_a_survivor_dying_during_a_drain_rolls_it_back_and_the_rank_stays() -> None:
     d = Driver(4, full_placement(4))
     d.form()
@@ -2126,8 +2178,10 @@ class ClusterSim(RuleBasedStateMachine):
                 ok = self._peers_alive(send, cmd.members)
                 self._ack(proc, send, GroupsReady() if ok else CommandFailed("group timed out"))
             return
-        if isinstance(cmd, Abort) and proc.mode == "running":
+        if isinstance(cmd, Abort) and proc.mode == "running" and cmd.epoch >= proc.epoch:
             # abort_collectives makes the step raise: StepFailed, then serve.
+            # (Only epochs up to cmd.epoch: a late copy of an old abort, re-sent
+            # on a reconnect, leaves a newer epoch's groups alone.)
             proc.mode = "failed"
             self._to_coordinator(
                 proc, StepFailed(proc.rank, proc.session, proc.epoch, proc.iteration, "aborted")

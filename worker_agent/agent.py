@@ -45,7 +45,7 @@ import aetcd
 import grpc
 import torch.distributed as dist
 
-from coordinator import etcd_keys
+from coordinator import etcd_keys, keepalive
 from coordinator.election import decode_leader, read_leader
 from coordinator.logs import fields
 from coordinator.security import ClientTls, EtcdAccess
@@ -171,6 +171,8 @@ class WorkerAgent:
         # The leader the session was opened to (its key's `id`), when found in etcd.
         self._leader_id: str | None = None
         self._lease: RankLease | None = None
+        # The lease the last hello named (see _stale_hello).
+        self._hello_lease: int | None = None
         self._fatal: str | None = None
         self._drained: str | None = None  # the reason, once told to leave
         # Welcomed first as a member: this process founds the cluster's
@@ -558,7 +560,16 @@ class WorkerAgent:
                     session.result()
                     attempt = 0
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() in REFUSAL_CODES:
+                    if await self._stale_hello(exc, lease):
+                        # Our hello named the lease we held when the attempt
+                        # began; the keepalive has replaced it since (etcd
+                        # dropped it), or is about to (the key is gone): a
+                        # refusal of that hello, not of this rank.
+                        log.warning(
+                            "hello named a replaced lease; reconnecting with the new one",
+                            extra=fields(rank=self.config.rank, details=exc.details() or ""),
+                        )
+                    elif exc.code() in REFUSAL_CODES:
                         refused = RegistrationRefused(exc.code(), exc.details() or "")
                         if not self._welcomed.is_set():
                             self._start_error = refused
@@ -572,17 +583,18 @@ class WorkerAgent:
                             )
                             self._die(f"the coordinator ended this rank's session: {refused}")
                         break
-                    log.log(
-                        logging.WARNING if attempt == 0 else logging.DEBUG,
-                        "session lost, reconnecting",
-                        # The details tell a refused TLS handshake from a dead peer.
-                        extra=fields(
-                            rank=self.config.rank,
-                            code=exc.code().name,
-                            details=(exc.details() or "")[:300],
-                            attempt=attempt,
-                        ),
-                    )
+                    else:
+                        log.log(
+                            logging.WARNING if attempt == 0 else logging.DEBUG,
+                            "session lost, reconnecting",
+                            # The details tell a refused TLS handshake from a dead peer.
+                            extra=fields(
+                                rank=self.config.rank,
+                                code=exc.code().name,
+                                details=(exc.details() or "")[:300],
+                                attempt=attempt,
+                            ),
+                        )
                 except (aetcd.ClientError, TimeoutError, OSError, RuntimeError) as exc:
                     # etcd away (no leader to read), or a coordinator that did
                     # not welcome: the engine serves on; try again.
@@ -600,6 +612,33 @@ class WorkerAgent:
             self._stopping.set()
             with contextlib.suppress(Exception):
                 await lease.stop()
+
+    async def _stale_hello(self, exc: grpc.aio.AioRpcError, lease: RankLease) -> bool:
+        """A hello refused for its lease rather than for this rank: the lease
+        this agent holds now is another one (renewed since), or the rank key is
+        gone (the lease expired under a starved keepalive, and the renewal
+        that puts the key back is on its way). A key held by a lease that is
+        not ours is another process's: no retry then."""
+        if (
+            exc.code()
+            not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION)
+            or self._hello_lease is None
+            or lease.lost.is_set()  # not renewed: another process holds the key
+        ):
+            return False
+        if lease.lease_id != self._hello_lease:
+            return exc.code() == grpc.StatusCode.PERMISSION_DENIED or await self._key_gone(lease)
+        return await self._key_gone(lease)
+
+    async def _key_gone(self, lease: RankLease) -> bool:
+        """Whether this rank's key is absent from etcd now (False when etcd
+        does not answer: then the refusal stands)."""
+        key = etcd_keys.rank_key(self.config.cluster, self.config.rank)
+        try:
+            got = await asyncio.wait_for(lease.client.get(key), ETCD_READ_TIMEOUT_S)
+        except (aetcd.ClientError, TimeoutError):
+            return False
+        return got is None
 
     async def _take_lease(self, lease: RankLease) -> None:
         """Start the lease, waiting for an etcd that is down or does not answer
@@ -622,10 +661,12 @@ class WorkerAgent:
             backoff = min(backoff * 2, 2.0)
 
     def _on_lease_lost(self) -> None:
-        # Only a crashed keepalive gets here (a rank's lease is renewed, never
-        # given up). Serving goes on: the coordinator decides whether this
-        # rank is still a member once its lease is gone.
-        log.error("lease keepalive stopped; serving on", extra=fields(rank=self.config.rank))
+        # A rank's lease is renewed, never given up, unless another process
+        # holds the rank's key (a relaunch of this rank, while this one was
+        # cut off), or the keepalive crashed. Serving goes on: the
+        # coordinator decides (it refuses this process's next hello).
+        reason = self._lease.lost_reason if self._lease is not None else ""
+        log.error("lease lost; serving on", extra=fields(rank=self.config.rank, reason=reason))
 
     def _on_lease_renewed(self, lease_id: int) -> None:
         """etcd dropped the lease and the keepalive took a new one: bind the
@@ -696,6 +737,7 @@ class WorkerAgent:
         assert self._outbox is not None
         endpoint = await self._coordinator_endpoint(lease)
         lease_id = lease.lease_id
+        self._hello_lease = lease_id
         placement = self.adapter.placement()
         hello = worker_pb2.Hello(
             cluster=self.config.cluster,
@@ -759,12 +801,13 @@ class WorkerAgent:
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         # A Resync carries the whole placement: a large cluster's is over
-        # gRPC's default 4 MiB (protos/limits.py sizes the limit).
+        # gRPC's default 4 MiB (protos/limits.py sizes the limit). Keepalive
+        # pings: a session whose coordinator went silent (its host vanished, a
+        # partition) is dropped and reopened (coordinator.keepalive).
+        options = [*MESSAGE_SIZE_OPTIONS, *keepalive.client_options(self.config.lease_ttl_s)]
         if self._credentials is not None:
-            return grpc.aio.secure_channel(
-                endpoint, self._credentials, options=MESSAGE_SIZE_OPTIONS
-            )
-        return grpc.aio.insecure_channel(endpoint, options=MESSAGE_SIZE_OPTIONS)
+            return grpc.aio.secure_channel(endpoint, self._credentials, options=options)
+        return grpc.aio.insecure_channel(endpoint, options=options)
 
     async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
         assert self._outbox is not None
