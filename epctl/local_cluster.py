@@ -516,6 +516,11 @@ class LocalCluster:
                 del injector.stopped[name]
         self.note_exits()
         for fired in injector.fired:
+            if fired.fault.stop:
+                # A SIGSTOPped rank lives: thawed, it is back by itself (a
+                # joiner renews its lease and is admitted again) or, refused,
+                # it exits and counts as lost below when it does.
+                continue
             for rank in fired.ranks:
                 self.lost_at[rank] = max(self.lost_at.get(rank, 0.0), fired.at_unix_ms)
         for rank in range(self.spec.ranks):
