@@ -640,6 +640,24 @@ def held_lease(etcd: str, cluster: str, rank: int) -> Iterator[int]:
         loop.close()
 
 
+def iterating(ranks: dict[int, ThreadRank], steps: int, timeout_s: float, what: str) -> None:
+    """Every rank's engine completes `steps` more iterations within the time."""
+    start = {rank: r.adapter.iteration for rank, r in ranks.items()}
+    wait_until(
+        lambda: all(r.adapter.iteration >= start[k] + steps for k, r in ranks.items()),
+        timeout_s,
+        what,
+    )
+
+
+def assert_alive(ranks: dict[int, ThreadRank]) -> None:
+    """No rank's agent stopped, no engine failed or ended."""
+    for rank, r in ranks.items():
+        assert r.agent._fatal is None, f"rank {rank} stopped: {r.agent._fatal}"
+        assert r.error is None, f"rank {rank}'s engine failed: {r.error!r}"
+        assert r._thread.is_alive(), f"rank {rank}'s engine thread ended"
+
+
 def stop_together(ranks: dict[int, ThreadRank]) -> None:
     """Stop every rank at once, as a cluster is shut down: one at a time, each
     stop would start a shrink among the rest."""

@@ -18,7 +18,14 @@ from pathlib import Path
 from coordinator import etcd_keys
 from epctl.local_etcd import LocalEtcd
 from protos.ep_recovery.v1 import admin_pb2
-from tests.agent_harness import CoordinatorProcess, ThreadRank, stop_together, wait_until
+from tests.agent_harness import (
+    CoordinatorProcess,
+    ThreadRank,
+    assert_alive,
+    iterating,
+    stop_together,
+    wait_until,
+)
 
 WORLD = 4
 
@@ -31,23 +38,6 @@ def _serving(coord: CoordinatorProcess) -> bool:
     return len(status.members) == WORLD and all(
         r.state == admin_pb2.RANK_STATE_SERVING for r in status.ranks
     )
-
-
-def _iterating(ranks: dict[int, ThreadRank], steps: int, timeout_s: float, what: str) -> None:
-    """Every rank's engine completes `steps` more iterations within the time."""
-    start = {rank: r.adapter.iteration for rank, r in ranks.items()}
-    wait_until(
-        lambda: all(r.adapter.iteration >= start[k] + steps for k, r in ranks.items()),
-        timeout_s,
-        what,
-    )
-
-
-def _alive(ranks: dict[int, ThreadRank]) -> None:
-    for rank, r in ranks.items():
-        assert r.agent._fatal is None, f"rank {rank} stopped: {r.agent._fatal}"
-        assert r.error is None, f"rank {rank}'s engine failed: {r.error!r}"
-        assert r._thread.is_alive(), f"rank {rank}'s engine thread ended"
 
 
 def test_an_etcd_outage_past_every_lease_stops_no_rank(tmp_path: Path, cluster_name: str) -> None:
@@ -69,13 +59,13 @@ def test_an_etcd_outage_past_every_lease_stops_no_rank(tmp_path: Path, cluster_n
             epoch = coord.status().epoch
 
             etcd.kill()
-            _iterating(ranks, 50, 30, "50 iterations on every rank with etcd down")
+            iterating(ranks, 50, 30, "50 iterations on every rank with etcd down")
             wait_until(lambda: coord.role() == "standby", 15, "the leader to step down")
             outage_until = time.monotonic() + 8
             while time.monotonic() < outage_until:
-                _alive(ranks)
+                assert_alive(ranks)
                 time.sleep(0.2)
-            _iterating(ranks, 20, 30, "20 more iterations, etcd still down")
+            iterating(ranks, 20, 30, "20 more iterations, etcd still down")
             etcd.start()  # same ports, same data dir
 
             coord.wait_leader(30)
@@ -83,8 +73,8 @@ def test_an_etcd_outage_past_every_lease_stops_no_rank(tmp_path: Path, cluster_n
             status = coord.status()
             assert (status.epoch, list(status.members)) == (epoch, list(range(WORLD)))
             assert not status.failures, status.failures
-            _iterating(ranks, 20, 30, "20 more iterations after the outage")
-            _alive(ranks)
+            iterating(ranks, 20, 30, "20 more iterations after the outage")
+            assert_alive(ranks)
             assert coord.proc.poll() is None, "the coordinator exited"
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
@@ -125,13 +115,13 @@ def test_a_frozen_leader_and_a_rank_death_lose_nobody_else(
         )
         assert [f.rank for f in second.status().failures] == [3]
         assert second.status().epoch == epoch + 1
-        _iterating(ranks, 20, 30, "20 iterations on the survivors")
+        iterating(ranks, 20, 30, "20 iterations on the survivors")
 
         os.kill(first.proc.pid, signal.SIGCONT)
         frozen = False
         wait_until(lambda: first.role() == "standby", 15, "the thawed leader to stand by")
-        _iterating(ranks, 20, 30, "20 more iterations after the thaw")
-        _alive(ranks)
+        iterating(ranks, 20, 30, "20 more iterations after the thaw")
+        assert_alive(ranks)
         assert second.phase() == "degraded" and [f.rank for f in second.status().failures] == [3]
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- new leader log ---\n{second.log_tail()}") from exc
@@ -172,11 +162,11 @@ def test_a_rank_whose_lease_etcd_dropped_renews_it_and_stays_a_member(
         wait_until(lambda: _renewed(lease, old), 10, "rank 1 to renew its lease")
         # The coordinator saw the delete, then the renewal on the open session.
         wait_until(lambda: _serving(coord), 10, "rank 1 to be serving again")
-        _iterating(ranks, 20, 30, "20 iterations after the renewal")
+        iterating(ranks, 20, 30, "20 iterations after the renewal")
         after = coord.status()
         assert (after.epoch, list(after.members)) == (before.epoch, list(before.members))
         assert not after.failures and len(after.operations) == len(before.operations)
-        _alive(ranks)
+        assert_alive(ranks)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
     finally:

@@ -51,6 +51,8 @@ from tests.agent_harness import (
     RecordingAdapter,
     TcpProxy,
     ThreadRank,
+    assert_alive,
+    iterating,
     stop_together,
     thread_cluster,
     wait_until,
@@ -79,22 +81,6 @@ def _serving(coord: CoordinatorProcess, members: list[int]) -> bool:
     return list(status.members) == members and all(
         r.state == admin_pb2.RANK_STATE_SERVING for r in status.ranks if r.rank in members
     )
-
-
-def _iterating(ranks: dict[int, ThreadRank], steps: int, timeout_s: float, what: str) -> None:
-    start = {rank: r.adapter.iteration for rank, r in ranks.items()}
-    wait_until(
-        lambda: all(r.adapter.iteration >= start[k] + steps for k, r in ranks.items()),
-        timeout_s,
-        what,
-    )
-
-
-def _alive(ranks: dict[int, ThreadRank]) -> None:
-    for rank, r in ranks.items():
-        assert r.agent._fatal is None, f"rank {rank} stopped: {r.agent._fatal}"
-        assert r.error is None, f"rank {rank}'s engine failed: {r.error!r}"
-        assert r._thread.is_alive(), f"rank {rank}'s engine thread ended"
 
 
 def _log_time(coord: CoordinatorProcess, message: str) -> datetime:
@@ -239,7 +225,7 @@ def test_a_rank_host_gone_silently_is_shrunk_away_and_refused_when_it_heals(
             assert list(status.members) == [0, 2, 3] and status.epoch == epoch + 1
             assert [f.rank for f in status.failures if f.confirmed_unix_ms > 0][-1:] == [1]
             others = {r: ranks[r] for r in (0, 2, 3)}
-            _iterating(others, 30, 30, "30 iterations on the survivors")
+            iterating(others, 30, 30, "30 iterations on the survivors")
             assert cut_off._thread.is_alive() and cut_off.agent._fatal is None  # it waits
 
             operations = len(coord.status().operations)
@@ -260,17 +246,17 @@ def test_a_rank_host_gone_silently_is_shrunk_away_and_refused_when_it_heals(
             assert "was removed from cluster" in cut_off.agent._fatal, cut_off.agent._fatal
             wait_until(lambda: not cut_off._thread.is_alive(), 15, "its engine to stop")
             # No split brain: it never came back, nothing started for it.
-            _iterating(others, 30, 30, "30 more iterations on the survivors")
+            iterating(others, 30, 30, "30 more iterations on the survivors")
             status = coord.status()
             assert list(status.members) == [0, 2, 3] and status.epoch == epoch + 1
             assert len(status.operations) == operations and coord.phase() == "degraded"
-            _alive(others)
+            assert_alive(others)
 
             ranks.pop(1).stop()
             ranks[1] = ThreadRank(1, WORLD, coord.endpoint, etcd, cluster_name, rejoin=True)
             ranks[1].start()
             wait_until(lambda: _serving(coord, [0, 1, 2, 3]), 30, "the relaunched rank 1")
-            _iterating(ranks, 20, 30, "20 iterations on all four")
+            iterating(ranks, 20, 30, "20 iterations on all four")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
 
@@ -324,8 +310,8 @@ def test_a_cut_off_rank_relaunched_elsewhere_does_not_take_the_rank_back_when_it
             relaunched.cut()  # a blip of the live rank 1's session
             wait_until(lambda: relaunched.accepted > accepted, 10, "rank 1 to reconnect")
             wait_until(lambda: _serving(coord, [0, 1, 2, 3]), 10, "rank 1 serving again")
-            _iterating(ranks, 20, 30, "20 iterations on all four")
-            _alive(ranks)
+            iterating(ranks, 20, 30, "20 iterations on all four")
+            assert_alive(ranks)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
         finally:
@@ -382,22 +368,22 @@ def test_a_rank_cut_off_from_the_coordinator_only_serves_on_and_is_not_evicted(
                 )
                 if suspect_after is None and _state(coord, 1) == admin_pb2.RANK_STATE_SUSPECT:
                     suspect_after = time.monotonic() - started
-                _alive(ranks)
+                assert_alive(ranks)
                 time.sleep(0.1)
             assert suspect_after is not None and suspect_after < 4, (
                 f"the coordinator held rank 1's silent session for {suspect_after} s"
             )
             assert _state(coord, 1) == admin_pb2.RANK_STATE_SUSPECT
             assert proxy.accepted > accepted, "rank 1 never noticed its session was gone"
-            _iterating(ranks, 30, 30, "30 iterations on every rank, rank 1 cut off")
+            iterating(ranks, 30, 30, "30 iterations on every rank, rank 1 cut off")
 
             proxy.heal()
             wait_until(lambda: _serving(coord, [0, 1, 2, 3]), 10, "rank 1's session back")
-            _iterating(ranks, 30, 30, "30 iterations after the heal")
+            iterating(ranks, 30, 30, "30 iterations after the heal")
             after = coord.status()
             assert (after.epoch, list(after.members)) == (before.epoch, [0, 1, 2, 3])
             assert not after.failures and len(after.operations) == len(before.operations)
-            _alive(ranks)
+            assert_alive(ranks)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- coordinator log ---\n{coord.log_tail()}") from exc
 
@@ -427,10 +413,10 @@ def test_a_rank_whose_etcd_connection_died_silently_keeps_its_lease(
                     f"members {list(status.members)}, failures "
                     f"{[(f.rank, f.reason) for f in status.failures]}"
                 )
-                _alive(ranks)
+                assert_alive(ranks)
                 time.sleep(0.1)
             assert lease.reconnects > 0 and _serving(coord, [0, 1, 2, 3])
-            _iterating(ranks, 30, 30, "30 iterations on every rank")
+            iterating(ranks, 30, 30, "30 iterations on every rank")
             after = coord.status()
             assert (after.epoch, len(after.operations)) == (before.epoch, len(before.operations))
         except AssertionError as exc:
@@ -584,7 +570,7 @@ def test_a_leader_cut_off_from_etcd_steps_down_before_the_standby_leads(
         claimed = _log_time(second, "leader lease granted")
         assert lost <= claimed, f"the old leader gave up at {lost}, after the claim at {claimed}"
         wait_until(lambda: _serving(second, [0, 1, 2, 3]), 15, "the ranks to follow")
-        _iterating(ranks, 30, 30, "30 iterations under the new leader")
+        iterating(ranks, 30, 30, "30 iterations under the new leader")
 
         proxy.heal()
         wait_until(
@@ -600,11 +586,11 @@ def test_a_leader_cut_off_from_etcd_steps_down_before_the_standby_leads(
         second.stop()  # SIGTERM: its lease is revoked, the healed one takes over
         first.wait_leader(15)
         wait_until(lambda: _serving(first, [0, 1, 2, 3]), 15, "the ranks to follow it back")
-        _iterating(ranks, 30, 30, "30 iterations under the first leader again")
+        iterating(ranks, 30, 30, "30 iterations under the first leader again")
         status = first.status()
         assert (status.epoch, list(status.members)) == (epoch, [0, 1, 2, 3])
         assert not status.failures
-        _alive(ranks)
+        assert_alive(ranks)
     except AssertionError as exc:
         raise AssertionError(
             f"{exc}\n--- first ---\n{first.log_tail()}\n--- second ---\n{second.log_tail()}"
@@ -638,9 +624,9 @@ def test_a_standby_cut_off_from_etcd_takes_over_once_healed(
         until = time.monotonic() + 5  # past the dead leader's lease (2 s)
         while time.monotonic() < until:
             assert second.role() == "standby"
-            _alive(ranks)
+            assert_alive(ranks)
             time.sleep(0.2)
-        _iterating(ranks, 30, 30, "30 iterations with no coordinator")
+        iterating(ranks, 30, 30, "30 iterations with no coordinator")
 
         proxy.heal()
         second.wait_leader(20)
@@ -648,8 +634,8 @@ def test_a_standby_cut_off_from_etcd_takes_over_once_healed(
         status = second.status()
         assert (status.epoch, list(status.members)) == (epoch, [0, 1, 2, 3])
         assert not status.failures
-        _iterating(ranks, 30, 30, "30 iterations under the new leader")
-        _alive(ranks)
+        iterating(ranks, 30, 30, "30 iterations under the new leader")
+        assert_alive(ranks)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- standby ---\n{second.log_tail()}") from exc
     finally:
