@@ -640,6 +640,20 @@ def held_lease(etcd: str, cluster: str, rank: int) -> Iterator[int]:
         loop.close()
 
 
+def key_lease(etcd: str, cluster: str, rank: int) -> int:
+    """The lease that holds `rank`'s key in etcd now (0: no key)."""
+
+    async def read() -> int:
+        client = etcd_keys.new_client(*etcd_keys.split_endpoint(etcd))
+        try:
+            got = await client.get(etcd_keys.rank_key(cluster, rank))
+            return int(got.lease) if got is not None else 0
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
 def iterating(ranks: dict[int, ThreadRank], steps: int, timeout_s: float, what: str) -> None:
     """Every rank's engine completes `steps` more iterations within the time."""
     start = {rank: r.adapter.iteration for rank, r in ranks.items()}

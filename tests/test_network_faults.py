@@ -53,6 +53,7 @@ from tests.agent_harness import (
     ThreadRank,
     assert_alive,
     iterating,
+    key_lease,
     stop_together,
     thread_cluster,
     wait_until,
@@ -321,17 +322,7 @@ def test_a_cut_off_rank_relaunched_elsewhere_does_not_take_the_rank_back_when_it
 
 
 def _key_lease(etcd: str, cluster: str, rank: int) -> int:
-    """The lease that holds `rank`'s key now (0: no key)."""
-
-    async def read() -> int:
-        client = etcd_keys.new_client(*etcd_keys.split_endpoint(etcd))
-        try:
-            got = await client.get(etcd_keys.rank_key(cluster, rank))
-            return int(got.lease) if got is not None else 0
-        finally:
-            await client.close()
-
-    return asyncio.run(read())
+    return key_lease(etcd, cluster, rank)
 
 
 @pytest.mark.parametrize("direction", ["both", TO_SERVER, TO_CLIENT])

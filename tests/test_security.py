@@ -34,6 +34,7 @@ from protos.ep_recovery.v1 import admin_pb2, worker_pb2, worker_pb2_grpc
 from tests.agent_harness import (
     CoordinatorProcess,
     coordinator_env,
+    key_lease,
     listening_addresses,
     ring_placement,
     thread_cluster,
@@ -394,15 +395,7 @@ def test_mutual_tls_admits_only_certificates_of_its_ca_and_admins_by_name(
 
 
 def _lease_of(etcd: str, cluster: str, rank: int) -> int:
-    async def read() -> int:
-        client = etcd_keys.new_client(*etcd_keys.split_endpoint(etcd))
-        try:
-            got = await client.get(etcd_keys.rank_key(cluster, rank))
-            return int(got.lease) if got is not None else 0
-        finally:
-            await client.close()
-
-    return asyncio.run(read())
+    return key_lease(etcd, cluster, rank)
 
 
 def _open_session(endpoint: str, hello: worker_pb2.Hello) -> grpc.RpcError | object:
